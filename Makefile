@@ -1,0 +1,26 @@
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision are pinned to the builds that lie on the local disk of the project machines;
+# installing them first stops pip from resolving (and downloading) another multi-GB torch build.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test]" $(TORCH_PINS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest tests
+
+demo: $(VENV)/.installed
+	$(PY) -m illm.demo
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache

@@ -1,0 +1,1 @@
+"""The networks of MS-ILLM: HiFiC autoencoder, VQ-VAE labeller, conditional U-Net discriminator."""
