@@ -6,7 +6,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "reference" / "golden.pt"
+GOLDEN = REPO / "tests" / "reference" / "golden.pt"
+sys.path.insert(0, str(REPO / "tests" / "reference"))
 os.environ.setdefault("TORCH_HOME", str(REPO / ".pytest_cache" / "torch_home"))
 
 
