@@ -1,0 +1,224 @@
+"""Our checkpoint manager: atomic saves, keep-last-K, best-by-metric, resume and run-folder guard.
+
+A run folder looks like this:
+
+    <run>/config.toml                    the resolved config of the run
+    <run>/checkpoints/step_00010000.pt   one file per checkpoint (the last `keep_last` are kept)
+    <run>/checkpoints/best.pt            the best so far by `best_metric` (with best.json)
+    <run>/tensorboard/                   event files
+
+A checkpoint is a plain dict saved with `torch.save` and read with `weights_only=True`:
+`{"illm_checkpoint": 1, "stage", "step", "models": {name: state_dict}, "optimizers",
+"schedulers", "scaler", "rng": [state of process 0, 1, ...], "data", "metrics", "config"}`.
+Every write goes to a temporary file in the same folder and is renamed into place, so a
+crash never leaves a half-written checkpoint behind a valid name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from illm.errors import IllmError
+
+FORMAT_VERSION = 1
+STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def step_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete step checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := STEP_FILE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = step_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint file (never runs code: weights_only)."""
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise IllmError(f"checkpoint not found: {path}") from None
+    except Exception as error:  # unpickling errors come in many types
+        raise IllmError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("illm_checkpoint") != FORMAT_VERSION:
+        raise IllmError(f"{path}: not an illm training checkpoint")
+    return checkpoint
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint file, or the latest checkpoint of a run folder."""
+    source = Path(source)
+    if source.is_dir():
+        latest = latest_checkpoint(source)
+        if latest is None:
+            raise IllmError(f"{source}: run folder holds no checkpoint (looked in {source / 'checkpoints'})")
+        return latest
+    return source
+
+
+# --- random number generator state ------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """The state of every RNG this process uses, in a weights_only-loadable form."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, counts, *rest = state["python"]
+    random.setstate((version, tuple(counts), *rest))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- the manager ----------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Saves and finds the checkpoints of one run folder. Only the main process writes."""
+
+    def __init__(self, run_dir: str | Path, keep_last: int = 3, best_metric: str = "", best_mode: str = "max"):
+        self.run_dir = Path(run_dir)
+        self.folder = self.run_dir / "checkpoints"
+        self.keep_last = keep_last
+        self.best_metric = best_metric
+        self.best_mode = best_mode
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.pt"
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def save(self, checkpoint: dict) -> Path:
+        """Write a step checkpoint atomically, prune old ones, update best.pt when it improved."""
+        checkpoint = {"illm_checkpoint": FORMAT_VERSION, **checkpoint}
+        path = self.path_for(checkpoint["step"])
+        atomic_torch_save(checkpoint, path)
+        for old in step_checkpoints(self.run_dir)[: -self.keep_last]:
+            old.unlink(missing_ok=True)
+        self._update_best(path, checkpoint.get("metrics") or {})
+        return path
+
+    def _update_best(self, path: Path, metrics: dict) -> None:
+        if not self.best_metric or self.best_metric not in metrics:
+            return
+        value = float(metrics[self.best_metric])
+        record_path = self.folder / "best.json"
+        if record_path.exists():
+            previous = json.loads(record_path.read_text())["value"]
+            better = value > previous if self.best_mode == "max" else value < previous
+            if not better:
+                return
+        best_tmp = self.folder / ".best.pt.tmp"
+        shutil.copyfile(path, best_tmp)
+        os.replace(best_tmp, self.folder / "best.pt")
+        record = {"metric": self.best_metric, "value": value, "step": int(path.stem.split("_")[1])}
+        atomic_write_bytes(record_path, json.dumps(record).encode())
+
+
+def prepare_run_dir(run_dir: str | Path, config_toml: str, resume: bool, overwrite: bool, move: bool = True) -> bool:
+    """Check the run folder before any work; returns True when the run resumes.
+
+    A folder with checkpoints made by the same config (training length aside) resumes; a
+    different config is refused unless `resume` (continue it anyway) or `overwrite` (move
+    the old run aside, nothing is deleted). Every process may call it; only the one with
+    `move` moves folders, and all of them reach the same answer.
+    """
+    run_dir = Path(run_dir)
+    has_checkpoints = bool(step_checkpoints(run_dir))
+    saved_config = run_dir / "config.toml"
+    if not has_checkpoints:
+        return False
+    if overwrite:
+        if move:
+            aside = run_dir.with_name(f"{run_dir.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            run_dir.rename(aside)
+            print(f"run.overwrite: moved the previous run to {aside}")
+        return False
+    if resume:
+        return True
+    previous = saved_config.read_text() if saved_config.exists() else ""
+    differences = _config_differences(previous, config_toml)
+    if differences:
+        keys = ", ".join(differences[:5]) + (" ..." if len(differences) > 5 else "")
+        raise IllmError(
+            f"{run_dir} holds checkpoints of another experiment (config differs in: {keys}); "
+            "pass run.resume=true to continue it, run.overwrite=true to start over, or choose another run.dir"
+        )
+    return True
+
+
+# Keys that may change between the starts of one run without making it another experiment.
+RESUMABLE_CHANGES = {"train.max_steps", "run.resume", "run.overwrite", "data.num_workers", "checkpoint.every", "logging.every", "logging.val_every"}
+
+
+def _config_differences(old_toml: str, new_toml: str) -> list[str]:
+    from illm.config import tomllib
+
+    try:
+        old = tomllib.loads(old_toml)
+    except tomllib.TOMLDecodeError:
+        return ["config.toml (unreadable)"]
+    new = tomllib.loads(new_toml)
+    keys = {f"{s}.{k}" for t in (old, new) for s, table in t.items() for k in table}
+    flat = lambda t, key: t.get(key.split(".")[0], {}).get(key.split(".")[1])  # noqa: E731
+    return sorted(k for k in keys - RESUMABLE_CHANGES if flat(old, k) != flat(new, k))

@@ -1,0 +1,1 @@
+"""The training loops of the three MS-ILLM stages, one module each."""

@@ -1,0 +1,295 @@
+"""Pieces every training stage shares: Accelerator setup, run folder, data streams, progress.
+
+The loops themselves live in `illm/stages/` and read top to bottom; this module keeps them
+short by holding what is the same in all three.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch import nn
+from tqdm import tqdm
+
+from illm import config as config_io
+from illm.checkpoint import CheckpointManager, atomic_write_bytes, prepare_run_dir, read_checkpoint, rng_state, set_rng_state
+from illm.data import ImageFolder, make_loader, train_transform, val_transform
+from illm.errors import IllmError
+from illm.logger import TensorBoardLogger
+
+
+def run_main(main, argv=None) -> None:
+    """Run a stage's `main`, turning user errors into one line on stderr and exit code 1."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except IllmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def parse_args(argv: list[str], usage: str) -> tuple[str | None, list[str]]:
+    """`CONFIG.toml [section.key=value ...]`: the config path and the overrides."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        sys.exit(0 if argv else 2)
+    path, overrides = argv[0], argv[1:]
+    if "=" in path:
+        raise IllmError(f"the first argument must be a config file, got '{path}'")
+    return path, overrides
+
+
+@dataclass
+class Run:
+    """The run-wide objects a training loop needs."""
+
+    config: object
+    accelerator: Accelerator
+    logger: TensorBoardLogger
+    checkpoints: CheckpointManager
+    resume_from: Path | None
+    run_dir: Path
+
+
+def start_run(config, stage: str) -> Run:
+    """Accelerator, seeds, run-folder check (resume / refuse / overwrite), config and logger."""
+    accelerator = Accelerator(
+        mixed_precision=config.train.mixed_precision,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+    set_seed(config.run.seed + accelerator.process_index)
+    run_dir = Path(config.run.dir)
+    config_toml = config_io.to_toml(config)
+    resuming = prepare_run_dir(run_dir, config_toml, config.run.resume, config.run.overwrite, move=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    checkpoints = CheckpointManager(run_dir, config.checkpoint.keep_last, config.checkpoint.best_metric, config.checkpoint.best_mode)
+    resume_from = checkpoints.latest() if resuming else None
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
+    logger = TensorBoardLogger(run_dir, enabled=accelerator.is_main_process)
+    logger.text("config", "```toml\n" + config_toml + "\n```")
+    if accelerator.is_main_process:
+        where = f"resuming from {resume_from}" if resume_from else "new run"
+        print(f"[{stage}] {where}: {run_dir} | processes: {accelerator.num_processes} | device: {accelerator.device} | precision: {config.train.mixed_precision}")
+    return Run(config, accelerator, logger, checkpoints, resume_from, run_dir)
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+def train_dataset(data) -> ImageFolder:
+    if not data.train:
+        raise IllmError("data.train is empty: give a folder of training images (data.train=/path/to/images)")
+    return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode))
+
+
+def val_dataset(data) -> ImageFolder | None:
+    if not data.val:
+        return None
+    dataset = ImageFolder(data.val, val_transform(data.val_crop_size))
+    if data.val_max_images and len(dataset) > data.val_max_images:
+        dataset = torch.utils.data.Subset(dataset, range(data.val_max_images))
+    return dataset
+
+
+def fixed_images(dataset, count: int, crop_size: int) -> torch.Tensor | None:
+    """The first `count` readable images of a dataset under the validation transform (for grids)."""
+    if dataset is None or count == 0:
+        return None
+    root = dataset.dataset.root if isinstance(dataset, torch.utils.data.Subset) else dataset.root
+    plain = ImageFolder(root, val_transform(crop_size))
+    images = [img for i in range(min(len(plain), count * 2)) if (img := plain[i]) is not None][:count]
+    return torch.stack(images) if images else None
+
+
+class BatchStream:
+    """Endless batches over epochs that remembers its position, so a resumed run sees the same data.
+
+    The shuffle order is a function of (seed, epoch); on resume the first `batches_done`
+    batches of the current epoch are skipped without being loaded.
+    """
+
+    def __init__(self, loader, accelerator: Accelerator):
+        self.loader = loader
+        self.accelerator = accelerator
+        self.epoch = 0
+        self.batches_done = 0
+        self.skipped_images = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.skipped_images = state.get("skipped_images", 0)
+
+    def __iter__(self):
+        while True:
+            self.loader.set_epoch(self.epoch)
+            batches = self.loader
+            if self.batches_done:
+                batches = self.accelerator.skip_first_batches(self.loader, self.batches_done)
+            for batch in batches:
+                self.batches_done += 1
+                self.skipped_images += batch.num_skipped
+                if batch.images.shape[0] == 0:
+                    continue
+                yield batch.images
+            self.epoch += 1
+            self.batches_done = 0
+
+
+def loaders(run: Run, train_set, val_set):
+    """Prepared (per-process sharded) train and validation loaders."""
+    data = run.config.data
+    train_loader = make_loader(train_set, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=run.config.run.seed, drop_last=True)
+    val_loader = None
+    if val_set is not None:
+        val_loader = make_loader(val_set, data.val_batch_size, shuffle=False, num_workers=data.num_workers, seed=0, drop_last=False)
+    train_loader = run.accelerator.prepare_data_loader(train_loader)
+    if val_loader is not None:
+        val_loader = run.accelerator.prepare_data_loader(val_loader)
+    return train_loader, val_loader
+
+
+# --- distributed helpers ----------------------------------------------------------------------------
+
+
+def ignore_in_ddp(model: nn.Module, params) -> None:
+    """Keep `params` (e.g. compressai's quantiles) out of DDP's gradient sync.
+
+    They never reach the main loss, so DDP would wait for their gradients forever; their
+    own (auxiliary) gradients are averaged by `average_gradients` instead.
+    """
+    ids = {id(p) for p in params}
+    names = [name for name, p in model.named_parameters() if id(p) in ids]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+
+
+def average_gradients(accelerator: Accelerator, params) -> None:
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            p.grad.copy_(accelerator.reduce(p.grad, reduction="mean"))
+
+
+def sync_context(accelerator: Accelerator, model: nn.Module, last_micro_batch: bool):
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    return nullcontext() if last_micro_batch else accelerator.no_sync(model)
+
+
+def gradient_norm(params) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return torch.stack(grads).norm().item() if grads else 0.0
+
+
+@contextmanager
+def evaluating(*models: nn.Module):
+    """Eval mode for the block, then each model back to the mode it had."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+
+def memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(run: Run, step: int, models: dict, optimizers: dict, schedulers: dict, stream: BatchStream, metrics: dict | None = None) -> None:
+    """Gather RNG states of every process; the main process writes the checkpoint."""
+    accelerator = run.accelerator
+    rng_states = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
+    if accelerator.is_main_process:
+        checkpoint = {
+            "stage": type(run.config).__name__,
+            "step": step,
+            "models": {name: accelerator.unwrap_model(m).state_dict() for name, m in models.items()},
+            "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+            "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+            "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+            "rng": rng_states,
+            "data": stream.state_dict(),
+            "metrics": {k: float(v) for k, v in (metrics or {}).items()},
+            "config": config_io.to_toml(run.config),
+        }
+        run.checkpoints.save(checkpoint)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(run: Run, models: dict, optimizers: dict, schedulers: dict, stream: BatchStream) -> int:
+    """Restore everything `save_checkpoint` wrote; returns the step to continue after."""
+    checkpoint = read_checkpoint(run.resume_from)
+    for name, model in models.items():
+        run.accelerator.unwrap_model(model).load_state_dict(checkpoint["models"][name])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(checkpoint["optimizers"][name])
+    for name, scheduler in schedulers.items():
+        scheduler.load_state_dict(checkpoint["schedulers"][name])
+    if checkpoint.get("scaler") and run.accelerator.scaler is not None:
+        run.accelerator.scaler.load_state_dict(checkpoint["scaler"])
+    stream.load_state_dict(checkpoint["data"])
+    states = checkpoint["rng"]
+    set_rng_state(states[run.accelerator.process_index % len(states)])
+    return checkpoint["step"]
+
+
+# --- progress ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    """tqdm bar on the main process plus throughput bookkeeping."""
+
+    accelerator: Accelerator
+    start_step: int
+    max_steps: int
+    images_per_step: int
+    bar: tqdm | None = None
+    last_time: float = field(default_factory=time.perf_counter)
+    last_step: int = 0
+
+    def __post_init__(self):
+        self.last_step = self.start_step
+        if self.accelerator.is_main_process:
+            self.bar = tqdm(total=self.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+
+    def rates(self, step: int) -> dict[str, float]:
+        """Images per second (all processes) and seconds per step since the last call."""
+        now = time.perf_counter()
+        steps = max(1, step - self.last_step)
+        seconds = (now - self.last_time) / steps
+        self.last_time, self.last_step = now, step
+        return {"perf/images_per_second": self.images_per_step / seconds if seconds > 0 else math.nan, "perf/step_seconds": seconds}
+
+    def update(self, step: int, **shown) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
