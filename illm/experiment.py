@@ -134,9 +134,142 @@ class PretrainConfig:
     logging: LoggingSection = doc_field(LoggingSection(), "")
 
     def validate(self):
-        if len(self.optim.betas) != 2 or not all(0 <= b < 1 for b in self.optim.betas):
-            raise ConfigError(f"key 'optim.betas': must be two numbers in [0, 1), got {self.optim.betas}")
+        _check_betas("optim.betas", self.optim.betas)
         if len(self.model.encoder_channels) != 5:
             raise ConfigError(f"key 'model.encoder_channels': must have 5 entries, got {self.model.encoder_channels}")
         if self.optim.schedule == "ramp_cosine" and self.optim.warmup_steps >= self.optim.decay_steps:
             raise ConfigError("key 'optim.warmup_steps': must be smaller than 'optim.decay_steps'")
+
+
+# --- stage 0: the VQ-VAE labeller ------------------------------------------------------------------
+
+
+@dataclass
+class VQVAESection:
+    ch: int = doc_field(64, "Base width of the encoder/decoder (official: 64).", positive)
+    ch_mult: list[int] = doc_field([1, 2, 2, 4], "Width multipliers per resolution level; len - 1 stride-2 steps (official: 8x down).", all_positive)
+    num_res_blocks: int = doc_field(2, "Residual blocks per level (official: 2).", positive)
+    attention_levels: list[int] = doc_field([3], "Levels with XCiT attention besides the middle (official: the lowest resolution, 32 for 256 crops).")
+    embed_dim: int = doc_field(256, "Channels around the bottleneck (official: 256).", positive)
+    codebook_size: int = doc_field(1024, "Codebook entries = discriminator classes - 1 (official: 1024).", positive)
+    codebook_dim: int = doc_field(8, "Dimension of the L2-normalised codes (official: 8).", positive)
+
+
+@dataclass
+class VQVAELossSection:
+    reconstruction: str = doc_field("l1", "Pixel reconstruction loss.", choices=("l1", "mse"))
+    reconstruction_weight: float = doc_field(1.0, "Weight of the pixel loss.", non_negative)
+    lpips_weight: float = doc_field(1.0, "Weight of LPIPS (0 = off).", non_negative)
+    commitment_beta: float = doc_field(0.25, "Weight β of the commitment loss (encoder pulled toward its code).", non_negative)
+    codebook_weight: float = doc_field(1.0, "Weight of the codebook loss (codes pulled toward the encoder).", non_negative)
+
+
+@dataclass
+class CodebookSection:
+    reseed_dead: bool = doc_field(True, "Re-seed codes unused for `dead_after` steps from recent encoder outputs.")
+    dead_after: int = doc_field(1000, "Steps without a hit after which a code counts as dead.", positive)
+    reseed_every: int = doc_field(1000, "Check for dead codes every this many steps.", positive)
+
+
+@dataclass
+class VQVAEOptimSection:
+    lr: float = doc_field(2e-4, "AdamW learning rate.", positive)
+    weight_decay: float = doc_field(0.0, "AdamW weight decay.", non_negative)
+    betas: list[float] = doc_field([0.9, 0.99], "AdamW betas.")
+    schedule: str = doc_field("ramp_cosine", "Learning-rate schedule.", choices=LR_SCHEDULES)
+    warmup_steps: int = doc_field(5000, "Linear warm-up iterations of `ramp_cosine`.", non_negative)
+    decay_steps: int = doc_field(300_000, "Iteration at which `ramp_cosine` reaches 0.", positive)
+
+
+@dataclass
+class VQVAEConfig:
+    """Stage 0: the VQ-VAE whose codes label real image patches for the discriminator."""
+
+    run: RunSection = doc_field(RunSection(dir="runs/vqvae"), "")
+    data: DataSection = doc_field(DataSection(batch_size=16), "")
+    model: VQVAESection = doc_field(VQVAESection(), "")
+    train: TrainSection = doc_field(TrainSection(max_steps=300_000), "")
+    optim: VQVAEOptimSection = doc_field(VQVAEOptimSection(), "")
+    loss: VQVAELossSection = doc_field(VQVAELossSection(), "")
+    codebook: CodebookSection = doc_field(CodebookSection(), "")
+    lpips: LPIPSSection = doc_field(LPIPSSection(), "")
+    checkpoint: CheckpointSection = doc_field(CheckpointSection(best_metric="val/psnr"), "")
+    logging: LoggingSection = doc_field(LoggingSection(), "")
+
+    def validate(self):
+        _check_betas("optim.betas", self.optim.betas)
+        levels = len(self.model.ch_mult)
+        if any(not 0 <= a < levels for a in self.model.attention_levels):
+            raise ConfigError(f"key 'model.attention_levels': entries must be in [0, {levels}), got {self.model.attention_levels}")
+        if self.data.crop_size % 2 ** (levels - 1):
+            raise ConfigError(f"key 'data.crop_size': must be a multiple of {2 ** (levels - 1)}")
+
+
+# --- stage 2: MS-ILLM GAN fine-tuning -----------------------------------------------------------------
+
+
+@dataclass
+class InitSection:
+    autoencoder: str = doc_field("noganms_quality_3", "Stage-1 start: a run folder, a checkpoint, an exported weights file or an official No-GAN name.")
+    labeller: str = doc_field("vqvae_xcit_p8_ch64_cb1024_h8", "VQ-VAE labeller: a stage-0 run folder, checkpoint, exported file or the official name.")
+
+
+@dataclass
+class FreezeSection:
+    encoder: bool = doc_field(True, "Keep the encoder frozen (as released).")
+    bottleneck: bool = doc_field(True, "Keep hyper-analysis/synthesis and entropy models frozen (as released); the quantile optimizer runs only when false.")
+
+
+@dataclass
+class DiscriminatorSection:
+    target: str = doc_field("vq", "`vq`: per-patch VQ labels (MS-ILLM); `binary`: real/fake patches (the paper's ablation).", choices=("vq", "binary"))
+    channels: list[int] = doc_field([128, 128, 256, 256, 512, 512], "U-Net widths after the RGB + context input (official).", all_positive)
+    context_channels: int = doc_field(16, "Channels the latent context is projected to.", positive)
+    norm: str = doc_field("identity", "Normalisation in the U-Net blocks.", choices=("identity", "spectral", "instance", "batch"))
+
+
+@dataclass
+class GANOptimSection:
+    lr: float = doc_field(1e-4, "AdamW learning rate of the generator (constant).", positive)
+    betas: list[float] = doc_field([0.5, 0.9], "AdamW betas of the generator.")
+    weight_decay: float = doc_field(0.0, "AdamW weight decay of the generator.", non_negative)
+    disc_lr: float = doc_field(4e-4, "AdamW learning rate of the discriminator (constant).", positive)
+    disc_betas: list[float] = doc_field([0.5, 0.9], "AdamW betas of the discriminator.")
+    disc_weight_decay: float = doc_field(0.0, "AdamW weight decay of the discriminator.", non_negative)
+    aux_lr: float = doc_field(1e-3, "AdamW learning rate of the quantiles (only with freeze.bottleneck = false).", positive)
+
+
+@dataclass
+class GANLossSection:
+    generator_weight: float = doc_field(0.008, "Weight of the adversarial (OASIS) generator loss.", non_negative)
+    mc_sampling: bool = doc_field(True, "Split each batch: first half compressed, second half the discriminator's real images (as released).")
+
+
+@dataclass
+class FinetuneConfig:
+    """Stage 2: the generator fine-tuned against the conditional U-Net discriminator (OASIS loss)."""
+
+    run: RunSection = doc_field(RunSection(dir="runs/finetune"), "")
+    init: InitSection = doc_field(InitSection(), "")
+    data: DataSection = doc_field(DataSection(batch_size=16), "")
+    freeze: FreezeSection = doc_field(FreezeSection(), "")
+    discriminator: DiscriminatorSection = doc_field(DiscriminatorSection(), "")
+    train: TrainSection = doc_field(TrainSection(max_steps=100_000), "")
+    optim: GANOptimSection = doc_field(GANOptimSection(), "")
+    distortion: DistortionSection = doc_field(DistortionSection(), "")
+    lpips: LPIPSSection = doc_field(LPIPSSection(), "")
+    rate: RateSection = doc_field(RateSection(warmup_steps=0), "")
+    gan: GANLossSection = doc_field(GANLossSection(), "")
+    checkpoint: CheckpointSection = doc_field(CheckpointSection(), "")
+    logging: LoggingSection = doc_field(LoggingSection(), "")
+
+    def validate(self):
+        _check_betas("optim.betas", self.optim.betas)
+        _check_betas("optim.disc_betas", self.optim.disc_betas)
+        if self.gan.mc_sampling and self.data.batch_size < 2:
+            raise ConfigError("key 'data.batch_size': must be >= 2 with gan.mc_sampling = true (the batch is split in halves)")
+
+
+def _check_betas(key: str, betas) -> None:
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"key '{key}': must be two numbers in [0, 1), got {list(betas)}")
