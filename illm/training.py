@@ -6,6 +6,7 @@ short by holding what is the same in all three.
 
 from __future__ import annotations
 
+import io
 import math
 import resource
 import sys
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import nn
 from tqdm import tqdm
@@ -62,11 +64,18 @@ class Run:
     run_dir: Path
 
 
-def start_run(config, stage: str) -> Run:
-    """Accelerator, seeds, run-folder check (resume / refuse / overwrite), config and logger."""
+def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
+    """Accelerator, seeds, run-folder check (resume / refuse / overwrite), config and logger.
+
+    `broadcast_buffers=False` stops DDP from copying the main process's buffers to the others
+    before every forward (stage 0 keeps per-process codebook hit counters and sums them itself).
+    """
+    # One process may run several experiments (sweeps, tests), each with its own precision;
+    # Accelerate keeps the first one's unless its shared state is reset (the process group stays).
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers)],
     )
     set_seed(config.run.seed + accelerator.process_index)
     run_dir = Path(config.run.dir)
@@ -222,7 +231,14 @@ def memory_gb(device: torch.device) -> float:
 def save_checkpoint(run: Run, step: int, models: dict, optimizers: dict, schedulers: dict, stream: BatchStream, metrics: dict | None = None) -> None:
     """Gather RNG states of every process; the main process writes the checkpoint."""
     accelerator = run.accelerator
-    rng_states = accelerator.gather_for_metrics([rng_state()], use_gather_object=True) if accelerator.num_processes > 1 else [rng_state()]
+    rng_states = [rng_state()]
+    if accelerator.num_processes > 1:
+        # Sent as torch.save bytes: all_gather_object cannot carry tensors in this torch version.
+        buffer = io.BytesIO()
+        torch.save(rng_states[0], buffer)
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, buffer.getvalue())
+        rng_states = [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
     if accelerator.is_main_process:
         checkpoint = {
             "stage": type(run.config).__name__,

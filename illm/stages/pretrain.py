@@ -88,11 +88,12 @@ def validate(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, st
             rate = rate_loss(out.likelihoods, out.rounded_likelihoods, images.shape[-2] * images.shape[-1], target, rate_cfg.lam_below, lam_above)
             per_image = {
                 "val/psnr": metrics.psnr(recon, images),
-                "val/ms_ssim": metrics.ms_ssim(recon, images),
                 "val/bpp": rate.rounded_bpp,
                 "val/latent_bpp": rate.rounded_latent_bpp,
                 "val/hyper_bpp": rate.rounded_hyper_bpp,
             }
+            if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
+                per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
             if lpips is not None:
                 per_image["val/lpips"] = lpips(recon, images).flatten()
             batch_terms = {"val/distortion_loss": dist, "val/rate_loss": rate.loss, **{f"val/{k}": v for k, v in terms.items()}}
@@ -115,7 +116,11 @@ def validate(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, st
 
 def main(argv: list[str]) -> None:
     config_path, overrides = parse_args(argv, USAGE)
-    cfg: PretrainConfig = load_config(PretrainConfig, config_path, overrides)
+    train(load_config(PretrainConfig, config_path, overrides))
+
+
+def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
+    """Run (or resume) stage 1 as `cfg` says; returns the trained autoencoder (unwrapped)."""
     train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
     run = start_run(cfg, "pretrain")
@@ -192,6 +197,7 @@ def main(argv: list[str]) -> None:
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"[pretrain] done at step {step}: {run.run_dir}")
+    return unwrapped
 
 
 def cli(argv=None) -> None:
