@@ -145,6 +145,7 @@ class BatchStream:
         self.skipped_images = state.get("skipped_images", 0)
 
     def __iter__(self):
+        previous = None
         while True:
             self.loader.set_epoch(self.epoch)
             batches = self.loader
@@ -154,7 +155,13 @@ class BatchStream:
                 self.batches_done += 1
                 self.skipped_images += batch.num_skipped
                 if batch.images.shape[0] == 0:
+                    # Every image of this batch was unreadable: repeat the last batch rather than
+                    # skip the step, so all processes keep stepping together under DDP.
+                    if previous is None:
+                        continue
+                    yield previous
                     continue
+                previous = batch.images
                 yield batch.images
             self.epoch += 1
             self.batches_done = 0

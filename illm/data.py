@@ -1,0 +1,563 @@
+"""Training data: image folders -> dataset -> loader.
+
+Pipeline: ``find_images`` lists a folder once (the listing is cached next to the images),
+``ImageFolder`` decodes files with libjpeg-turbo / libpng (``torchvision.io``; PIL as fallback),
+skips unreadable files instead of failing, and ``make_loader`` batches with ``collate_skip_bad``
+into ``Batch(images, num_skipped)``.
+
+Epochs and resumption (with Accelerate): the order of an epoch and every sample's random
+augmentation are pure functions of ``(seed, epoch)`` (``EpochSampler`` hands out
+``SampleIndex``es that carry a per-sample seed), independent of worker processes, prefetching
+and of where a run was resumed. Call ``loader.set_epoch(epoch)`` on the prepared loader at the
+start of every epoch (Accelerate forwards it to the sampler, also across processes); to resume
+mid-epoch call ``loader.set_epoch(epoch)`` and then iterate
+``accelerate.skip_first_batches(loader, batches_done)``.
+"""
+
+import hashlib
+import io
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from illm.errors import ConfigError, IllmError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# Larger images are skipped: decoding a decompression bomb would kill a loader worker.
+MAX_PIXELS = 2**27  # 134 megapixels, the limit of illm.images
+
+INDEX_DIRNAME = ".illm"
+INDEX_FILENAME = "image_index.txt"
+_INDEX_FORMAT = "illm-image-index-v1"
+# Directory timestamps are coarse (a kernel tick, 1-2 s on some network/FAT file systems): a
+# directory changed within this margin of a scan could change again without its mtime moving.
+_RACY_NS = 2_000_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding images, with a cached index
+# ----------------------------------------------------------------------------------------------
+
+
+def find_images(root: str | os.PathLike) -> list[str]:
+    """Sorted paths (relative to ``root``) of the JPEG/PNG/WebP files under ``root``, recursively.
+
+    Hidden files and folders (names starting with ".") are ignored. The listing is cached in
+    ``<root>/.illm/image_index.txt`` or, when ``root`` is not writable, in
+    ``$XDG_CACHE_HOME/illm/`` (default ``~/.cache/illm/``) under a hash of the absolute path.
+
+    Cache rule: a folder's mtime changes whenever an entry is added to, removed from or renamed
+    in it, so the index stores the mtime of every folder it scanned and is reused only while all
+    of them are unchanged -- a ``stat`` per folder, not a listing of 1.7M files. Files edited in
+    place do not change the listing, so they need no rescan. No index is written while a folder
+    was modified less than 2 s before the scan (timestamps are coarse: a change made during the
+    scan might not move them; this assumes the file server's clock agrees with this machine's),
+    so a folder is rescanned until it has been left alone for 2 s -- e.g. the second start
+    scans again, because the first one created ``<root>/.illm``. Writes are atomic (a rename).
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        problem = "is not a folder" if root.exists() else "does not exist"
+        raise IllmError(f"image folder {root} {problem}")
+    local_index = root / INDEX_DIRNAME / INDEX_FILENAME
+    home_index = _home_index_path(root)
+    for index_path, expected_root in ((local_index, None), (home_index, _canonical(root))):
+        images = _read_index(index_path, expected_root)
+        if images is not None:
+            return images
+
+    created_index_dir = _make_index_dir(local_index.parent)  # before the scan: it changes root's mtime
+    scan_started_ns = time.time_ns()
+    dir_mtimes, images = _scan(root)
+    if not images:
+        if created_index_dir:
+            local_index.parent.rmdir()
+        raise IllmError(f"no JPEG/PNG/WebP images found in {root}")
+    if any(mtime >= scan_started_ns - _RACY_NS for mtime in dir_mtimes.values()):
+        logger.debug("not caching the image index of %s: a folder changed during the scan", root)
+        return images
+    text = _format_index(_canonical(root), scan_started_ns, dir_mtimes, images)
+    for index_path in (local_index, home_index):
+        try:
+            _write_atomically(index_path, text)
+            break
+        except OSError as error:
+            logger.debug("cannot write image index %s: %s", index_path, error)
+    else:
+        logger.warning("cannot cache the image index of %s; it will be rescanned next time", root)
+    return images
+
+
+def _canonical(root: Path) -> str:
+    return os.path.realpath(root)
+
+
+def _home_index_path(root: Path) -> Path:
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(_canonical(root).encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return cache_home / "illm" / f"image_index-{key}.txt"
+
+
+def _make_index_dir(path: Path) -> bool:
+    """Create the in-folder index directory if possible; True when this call created it."""
+    try:
+        path.mkdir()
+        return True
+    except OSError:  # exists already, or the dataset is read-only (then the home cache is used)
+        return False
+
+
+def _scan(root: Path) -> tuple[dict[str, int], list[str]]:
+    """Walk ``root``: (mtime_ns of every folder visited, by relative path; sorted image paths)."""
+    dir_mtimes: dict[str, int] = {}
+    images: list[str] = []
+    visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders may form loops
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        folder = os.path.join(root, rel_dir)
+        try:
+            # stat before listing, so that a change made during the listing shows in the mtime
+            stat = os.stat(folder)
+            if (stat.st_dev, stat.st_ino) in visited:
+                continue
+            visited.add((stat.st_dev, stat.st_ino))
+            dir_mtimes[rel_dir] = stat.st_mtime_ns
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or "\n" in entry.name:
+                        continue
+                    rel_path = os.path.join(rel_dir, entry.name)
+                    if entry.is_dir():
+                        pending.append(rel_path)
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                        images.append(rel_path)
+        except OSError as error:
+            raise IllmError(f"cannot list image folder {folder}: {error.strerror or error}") from None
+    return dir_mtimes, sorted(images)
+
+
+def _format_index(root: str, scanned_ns: int, dir_mtimes: dict[str, int], images: list[str]) -> str:
+    lines = [_INDEX_FORMAT, f"root\t{root}", f"scanned_ns\t{scanned_ns}", f"dirs\t{len(dir_mtimes)}"]
+    lines += [f"{mtime}\t{rel_dir}" for rel_dir, mtime in sorted(dir_mtimes.items())]
+    lines += [f"images\t{len(images)}", *images, "end", ""]
+    return "\n".join(lines)
+
+
+def _read_index(path: Path, expected_root: str | None) -> list[str] | None:
+    """The images listed by a cached index, or None if it is missing, damaged or stale."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
+        if lines[0] != _INDEX_FORMAT or lines[-2:] != ["end", ""]:
+            return None
+        indexed_root = lines[1].split("\t", 1)[1]
+        num_dirs = int(lines[3].split("\t", 1)[1])
+        dir_mtimes = [line.split("\t", 1) for line in lines[4 : 4 + num_dirs]]
+        dir_mtimes = {rel_dir: int(mtime) for mtime, rel_dir in dir_mtimes}
+        num_images = int(lines[4 + num_dirs].split("\t", 1)[1])
+        images = lines[5 + num_dirs : -2]
+    except (OSError, IndexError, ValueError):
+        return None
+    if len(images) != num_images or (expected_root is not None and indexed_root != expected_root):
+        return None
+    root = path.parent.parent if expected_root is None else Path(expected_root)
+    for rel_dir, mtime in dir_mtimes.items():
+        try:
+            if os.stat(os.path.join(root, rel_dir)).st_mtime_ns != mtime:
+                return None
+        except OSError:
+            return None
+    return images
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename, so that readers never see a partial index."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; others sharing the dataset may read it
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Tensor:
+    """Decode JPEG/PNG/WebP bytes into a 3xHxW uint8 tensor (uint16 for 16-bit PNG).
+
+    Grayscale, palette, CMYK and alpha images are converted to RGB (alpha is dropped). Raises
+    ValueError (not an image, or too large) or OSError/RuntimeError (damaged image).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check is ours
+        # torchvision 0.29 deprecates its decoders for TorchCodec (not a dependency here); they
+        # still work and are the fast path.
+        warnings.filterwarnings("ignore", "The image decoding and encoding capabilities", DeprecationWarning)
+        try:
+            with Image.open(io.BytesIO(data)) as probe:  # header only: cheap next to decoding
+                width, height = probe.size
+        except Image.UnidentifiedImageError:
+            raise ValueError("not a JPEG, PNG or WebP image") from None
+        if width * height > max_pixels:
+            raise ValueError(f"{width}x{height} pixels is more than the limit of {max_pixels}")
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            return _decode_rgb_with_pil(data)
+
+
+def _decode_rgb_with_pil(data: bytes) -> Tensor:
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+
+
+def _describe(error: Exception) -> str:
+    """A one-line reason, without the C++ source location that torchvision's errors start with."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    return re.sub(r"^.*?\.cpp:\d+, ", "", message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageFolder(Dataset):
+    """Images under a folder (see ``find_images``) as 3xHxW float32 RGB tensors in [0, 1].
+
+    ``transform`` (e.g. ``train_transform``) gets the decoded uint8 (or uint16) tensor; its output
+    is converted to float. Indexed with a ``SampleIndex``, the transform draws its random numbers
+    from that sample's seed, so the same (index, seed) always gives the same tensor; with a plain
+    int, from the global torch RNG.
+
+    An unreadable, corrupt or oversized file yields ``None`` (drop it with ``collate_skip_bad``),
+    is logged once, and is remembered in a table shared with loader worker processes:
+    ``bad_files()`` in the main process lists them.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        self.root = Path(root).expanduser()
+        self.transform = transform
+        self.max_pixels = max_pixels
+        # One NUL-separated bytes blob instead of 1.7M Python strings: reading list items in
+        # forked workers touches their refcounts, which copies the whole list into every worker.
+        self._path_blob = "\0".join(find_images(self.root)).encode("utf-8", "surrogateescape") + b"\0"
+        self._path_ends = np.flatnonzero(np.frombuffer(self._path_blob, dtype=np.uint8) == 0)
+        self._known_bad = torch.zeros(len(self._path_ends), dtype=torch.bool).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self._path_ends)
+
+    def relative_path(self, index: int) -> str:
+        """Path of image ``index`` relative to ``root``."""
+        start = int(self._path_ends[index - 1]) + 1 if index > 0 else 0
+        return self._path_blob[start : int(self._path_ends[index])].decode("utf-8", "surrogateescape")
+
+    def __getitem__(self, index: int) -> Tensor | None:
+        if self._known_bad[index]:
+            return None
+        path = self.root / self.relative_path(index)
+        try:
+            image = decode_rgb(path.read_bytes(), self.max_pixels)
+        except Exception as error:  # one bad file among millions must not stop a training run
+            self._known_bad[index] = True
+            logger.warning("skipping unreadable image %s: %s", path, _describe(error))
+            return None
+        if self.transform is not None:
+            image = self._transform(image, getattr(index, "seed", None))
+        return TF.to_dtype(image, torch.float32, scale=True)
+
+    def _transform(self, image: Tensor, seed: int | None) -> Tensor:
+        if seed is None:
+            return self.transform(image)
+        # torchvision transforms draw from the global CPU generator: seed it for this sample and
+        # give the caller's stream back (with num_workers=0 the caller is the training loop).
+        generator = torch.default_generator
+        saved_state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
+            return self.transform(image)
+        finally:
+            generator.set_state(saved_state)
+
+    def bad_files(self) -> list[Path]:
+        """Files found unreadable so far, by this process or its loader workers."""
+        return [self.root / self.relative_path(i) for i in self._known_bad.nonzero().flatten().tolist()]
+
+
+class Batch(NamedTuple):
+    """A training batch: ``images`` (N, 3, H, W) and how many samples were dropped as unreadable.
+
+    N is below the loader's batch size when samples were dropped, and 0 (``images`` of shape
+    (0, 3, 0, 0)) in the unlikely case that every sample was bad.
+    """
+
+    images: Tensor
+    num_skipped: int
+
+
+def collate_skip_bad(samples: list[Tensor | None]) -> Batch:
+    """Stack the readable samples (``None`` marks an unreadable one) into a ``Batch``."""
+    images = [sample for sample in samples if sample is not None]
+    num_skipped = len(samples) - len(images)
+    if not images:
+        return Batch(torch.empty(0, 3, 0, 0), num_skipped)
+    return Batch(default_collate(images), num_skipped)  # in a worker, stacks straight into shared memory
+
+
+# ----------------------------------------------------------------------------------------------
+# Transforms (on CxHxW tensors)
+# ----------------------------------------------------------------------------------------------
+
+CROP_MODES = ("random_crop", "random_resized_crop", "either")
+
+
+class ReflectPadToSize:
+    """Reflect-pad a CxHxW tensor that is smaller than ``size`` so that a ``size`` crop fits.
+
+    Like torchvision's ``RandomCrop(pad_if_needed=True, padding_mode="reflect")``, a short side is
+    padded by its shortfall on both ends; unlike it, the reflection repeats, so that images
+    smaller than the padding (down to 1 pixel) work too.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        if height < self.size:
+            image = image.index_select(-2, _reflected_indices(height, self.size - height))
+        if width < self.size:
+            image = image.index_select(-1, _reflected_indices(width, self.size - width))
+        return image
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+def _reflected_indices(length: int, pad: int) -> Tensor:
+    """Source indices of a length-``length`` axis reflect-padded by ``pad`` on each end."""
+    positions = torch.arange(-pad, length + pad)
+    if length == 1:
+        return torch.zeros_like(positions)
+    period = 2 * (length - 1)
+    positions = positions.remainder(period)
+    return torch.where(positions >= length, period - positions, positions)
+
+
+def train_transform(crop_size: int, mode: str = "random_crop") -> v2.Compose:
+    """Training augmentation: a ``crop_size`` square crop, then a random horizontal flip.
+
+    ``mode``: "random_crop" (a crop at a random position; images smaller than the crop are
+    reflect-padded), "random_resized_crop" (a random 8-100 % area, aspect 3/4-4/3, resized to the
+    crop), or "either" (one of the two at random per image, as the official MS-ILLM training).
+    """
+    if mode not in CROP_MODES:
+        raise ConfigError(f"unknown crop mode {mode!r}: expected one of {', '.join(CROP_MODES)}")
+    random_crop = v2.Compose([ReflectPadToSize(crop_size), v2.RandomCrop(crop_size)])
+    random_resized_crop = v2.RandomResizedCrop(crop_size, antialias=True)
+    crop = {
+        "random_crop": random_crop,
+        "random_resized_crop": random_resized_crop,
+        "either": v2.RandomChoice([random_crop, random_resized_crop]),
+    }[mode]
+    return v2.Compose([crop, v2.RandomHorizontalFlip()])
+
+
+def val_transform(crop_size: int) -> v2.Compose:
+    """Evaluation preprocessing: resize the shorter side to ``crop_size``, then a centre crop."""
+    return v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader
+# ----------------------------------------------------------------------------------------------
+
+
+class SampleIndex(int):
+    """A dataset index that also carries the seed of this sample's random augmentation.
+
+    It is an ``int``, so any map-style dataset (or ``Subset``) takes it as a plain index;
+    ``ImageFolder`` also reads ``seed``.
+    """
+
+    def __new__(cls, index: int, seed: int):
+        sample = super().__new__(cls, index)
+        sample.seed = seed
+        return sample
+
+    def __reduce__(self):  # travels to loader workers by pickling
+        return SampleIndex, (int(self), self.seed)
+
+    def __repr__(self) -> str:
+        return f"SampleIndex({int(self)}, seed={self.seed})"
+
+
+class EpochSampler(Sampler[SampleIndex]):
+    """Every index once per epoch, each with its augmentation seed; all a function of (seed, epoch).
+
+    With ``shuffle`` the order is a random permutation, else 0, 1, 2... Resuming needs no sampler
+    state: ``set_epoch(epoch)`` recreates the epoch, and the first batches are skipped
+    (``accelerate.skip_first_batches``) without being loaded.
+    """
+
+    def __init__(self, size: int, shuffle: bool, seed: int):
+        if seed < 0:
+            raise ConfigError(f"data seed must be >= 0, got {seed}")
+        self.size = size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch`` for the next iteration."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size) if self.shuffle else np.arange(self.size)
+        sample_seeds = rng.integers(0, 2**63, self.size)
+        for index, sample_seed in zip(order, sample_seeds):
+            yield SampleIndex(int(index), int(sample_seed))
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed a loader worker's torch/numpy/random streams, distinct per worker and per process.
+
+    Only randomness that does not come from a ``SampleIndex`` seed uses these streams. Torch's
+    own worker seed is (loader base seed + worker id), and every distributed process builds its
+    loader with the same seed, so without the rank all processes would draw the same numbers.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+    seed = int(np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(1, np.uint64)[0])
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader of ``Batch``es over a dataset whose unreadable samples are ``None``.
+
+    Order and augmentation follow ``EpochSampler``: call ``set_epoch(epoch)`` on the loader
+    Accelerate prepared (or on ``loader.sampler`` for a plain loader) before each epoch. Workers
+    persist across epochs; memory is pinned when CUDA is available.
+    """
+    if drop_last and len(dataset) < batch_size:
+        raise ConfigError(
+            f"batch_size {batch_size} is larger than the dataset ({len(dataset)} images) with "
+            "drop_last: an epoch would have no batches"
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=drop_last,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic images for tests and demos
+# ----------------------------------------------------------------------------------------------
+
+
+def synthetic_images(
+    folder: str | os.PathLike, count: int, size: tuple[int, int] = (256, 256), seed: int = 0
+) -> list[Path]:
+    """Write ``count`` photo-like PNGs (gradient, soft shaded shapes, mild texture and noise).
+
+    Image ``i`` depends only on ``(seed, i)``, so the files are identical across runs. Returns
+    the written paths.
+    """
+    height, width = size
+    if count < 0 or height < 1 or width < 1:
+        raise ConfigError(f"synthetic_images needs count >= 0 and a positive size, got {count} and {size}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        pixels = _synthetic_picture(np.random.default_rng([seed, index]), height, width)
+        path = folder / f"synthetic_{index:05d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+def _synthetic_picture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """An HxWx3 uint8 picture: smooth background, a few soft-edged shaded shapes, fine noise."""
+    scale = max(height, width)
+    y, x = np.mgrid[0:height, 0:width] / scale
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = np.cos(angle) * x + np.sin(angle) * y
+    ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
+    start, end = rng.uniform(0, 1, (2, 3))
+    picture = start + ramp[..., None] * (end - start)
+    for _ in range(3):  # low-frequency texture
+        frequency = rng.uniform(2, 12, 2)
+        wave = np.sin(2 * np.pi * (frequency[0] * x + frequency[1] * y) + rng.uniform(0, 2 * np.pi))
+        picture += 0.04 * wave[..., None]
+    for _ in range(rng.integers(3, 9)):
+        picture = _paint_shape(rng, picture, x, y, scale)
+    picture += rng.normal(0, 0.01, picture.shape)
+    return np.round(np.clip(picture, 0, 1) * 255).astype(np.uint8)
+
+
+def _paint_shape(rng: np.random.Generator, picture: np.ndarray, x: np.ndarray, y: np.ndarray, scale: int):
+    """Blend a rotated ellipse or rectangle with a shading gradient and a 1-3 pixel soft edge."""
+    center = rng.uniform(0, 1, 2) * (x.max(), y.max())
+    radii = rng.uniform(0.05, 0.35, 2)
+    rotation = rng.uniform(0, np.pi)
+    u = (np.cos(rotation) * (x - center[0]) + np.sin(rotation) * (y - center[1])) / radii[0]
+    v = (-np.sin(rotation) * (x - center[0]) + np.cos(rotation) * (y - center[1])) / radii[1]
+    distance = np.hypot(u, v) if rng.random() < 0.5 else np.maximum(np.abs(u), np.abs(v))
+    edge_pixels = rng.uniform(1, 3)
+    coverage = np.clip((1 - distance) * radii.min() * scale / edge_pixels, 0, 1)[..., None]
+    color = rng.uniform(0, 1, 3) * (0.8 + 0.3 * u[..., None])  # light from one side
+    return picture * (1 - coverage) + color * coverage
