@@ -1,0 +1,420 @@
+"""The HiFiC autoencoder with a mean-scale hyperprior (Mentzer et al. 2020), as used by MS-ILLM.
+
+Module names, layer order and padding follow the `HiFiCAutoencoder` of
+facebookresearch/NeuralCompression, so its released state dicts load here unchanged. The entropy
+models are compressai's `EntropyBottleneck` (hyper-latent) and `GaussianConditional` (latent).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from compressai.entropy_models import EntropyBottleneck, GaussianConditional
+from compressai.models.base import get_scale_table
+from torch import Tensor, nn
+
+from illm.errors import IllmError
+from illm.models.layers import ChannelNorm2d
+
+# compressai's coder tables: sized by `update()`, empty in a model that was never updated.
+_CODER_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+_LEGACY_PARAMETER_LISTS = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
+
+_ENTROPY_MODULES = (
+    "hyper_analysis",
+    "hyper_synthesis_mean",
+    "hyper_synthesis_scale",
+    "hyper_bottleneck",
+    "latent_bottleneck",
+)
+
+
+@dataclass
+class AutoencoderOutput:
+    """What `HiFiCAutoencoder.forward` returns.
+
+    `images` is the unclamped reconstruction; `latent` is what the generator received.
+    `likelihoods` hold noisy-value likelihoods in training (for the rate loss) and rounded-value
+    likelihoods in eval; `rounded_likelihoods` always hold those of the rounded values (true bpp).
+    Both dicts have the keys "latent" and "hyper".
+    """
+
+    images: Tensor
+    latent: Tensor
+    likelihoods: dict[str, Tensor]
+    rounded_likelihoods: dict[str, Tensor]
+
+
+def _conv_norm_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int) -> nn.Sequential:
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2)
+    return nn.Sequential(conv, ChannelNorm2d(out_channels), nn.ReLU())
+
+
+def _upconv_norm_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    upconv = nn.ConvTranspose2d(in_channels, out_channels, 3, stride=2, padding=1, output_padding=1)
+    return nn.Sequential(upconv, ChannelNorm2d(out_channels), nn.ReLU())
+
+
+class HiFiCEncoder(nn.Module):
+    """Image -> latent at 1/16 resolution: a 7x7 conv, four stride-2 3x3 convs, a 3x3 conv."""
+
+    def __init__(self, latent_channels: int, channels: tuple[int, ...]):
+        super().__init__()
+        blocks = [_conv_norm_relu(3, channels[0], kernel_size=7, stride=1)]
+        for in_channels, out_channels in zip(channels[:-1], channels[1:]):
+            blocks.append(_conv_norm_relu(in_channels, out_channels, kernel_size=3, stride=2))
+        blocks.append(nn.Conv2d(channels[-1], latent_channels, 3, padding=1))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.blocks(images)
+
+
+class ResidualBlock(nn.Module):
+    """x + (conv, norm, relu, conv, norm)(x)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.sequence = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1),
+            ChannelNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            ChannelNorm2d(channels),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.sequence(x)
+
+
+class HiFiCGenerator(nn.Module):
+    """Latent -> image: norm + conv, residual blocks (with a skip around all of them), four
+    stride-2 transposed convs, and a 7x7 conv to RGB. `channels` are the encoder's, reversed here."""
+
+    def __init__(self, latent_channels: int, channels: tuple[int, ...], num_residual_blocks: int):
+        super().__init__()
+        channels = tuple(reversed(channels))
+        self.block_0 = nn.Sequential(
+            ChannelNorm2d(latent_channels),
+            nn.Conv2d(latent_channels, channels[0], 3, padding=1),
+            ChannelNorm2d(channels[0]),
+        )
+        self.resid_blocks = nn.Sequential(*(ResidualBlock(channels[0]) for _ in range(num_residual_blocks)))
+        blocks: list[nn.Module] = [
+            _upconv_norm_relu(in_channels, out_channels)
+            for in_channels, out_channels in zip(channels[:-1], channels[1:])
+        ]
+        blocks.append(nn.Conv2d(channels[-1], 3, 7, padding=3))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, latent: Tensor) -> Tensor:
+        x = self.block_0(latent)
+        x = x + self.resid_blocks(x)
+        return self.blocks(x)
+
+
+def _hyper_analysis(latent_channels: int, hyper_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(latent_channels, hyper_channels, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(hyper_channels, hyper_channels, 5, stride=2, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(hyper_channels, hyper_channels, 5, stride=2, padding=2),
+    )
+
+
+def _hyper_synthesis(hyper_channels: int, latent_channels: int) -> nn.Sequential:
+    def upconv() -> nn.ConvTranspose2d:
+        return nn.ConvTranspose2d(hyper_channels, hyper_channels, 5, stride=2, padding=2, output_padding=1)
+
+    return nn.Sequential(
+        upconv(),
+        nn.ReLU(),
+        upconv(),
+        nn.ReLU(),
+        nn.Conv2d(hyper_channels, latent_channels, 3, padding=1),
+    )
+
+
+def _prepare_entropy_model_load(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Load-state-dict pre-hook of the entropy models, doing what compressai's
+    `CompressionModel.load_state_dict` does for them, but at any nesting depth.
+
+    The coder-table buffers get the shapes of the incoming ones: their size depends on whether
+    (and with which weights) `update()` ran, so a strict load would otherwise fail between an
+    updated model and a never-updated one. Keys of compressai < 1.2 (`_matrix0`, `_bias0`,
+    `_factor0`, ...) are renamed to the current ones (`matrices.0`, ...).
+    """
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        legacy = re.fullmatch(r"_(matrix|bias|factor)(\d+)", key[len(prefix):])
+        if legacy:
+            kind, index = legacy.groups()
+            state_dict[f"{prefix}{_LEGACY_PARAMETER_LISTS[kind]}.{index}"] = state_dict.pop(key)
+    for name in _CODER_TABLES:
+        incoming = state_dict.get(prefix + name)
+        current = getattr(module, name, None)
+        if isinstance(incoming, Tensor) and isinstance(current, Tensor) and current.shape != incoming.shape:
+            setattr(module, name, current.new_empty(incoming.shape))
+
+
+def _no_autocast(device: torch.device):
+    return torch.autocast(device.type, enabled=False)
+
+
+def _quantize_ste(latent: Tensor, means: Tensor) -> Tensor:
+    """round(latent - means) + means in the forward pass, identity in the backward pass."""
+    rounded = torch.round(latent - means) + means
+    return latent + (rounded - latent).detach()
+
+
+def _pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
+    """Reflect-pads the bottom and right edges up to a multiple of `multiple`.
+
+    Reflection can add at most size-1 pixels at once, so small images are padded in several
+    steps (a 1-pixel side is first replicated). Where one step suffices this is exactly the
+    official padding.
+    """
+    height, width = images.shape[-2:]
+    if height == 1 or width == 1:
+        images = F.pad(images, (0, int(width == 1), 0, int(height == 1)), mode="replicate")
+    while True:
+        height, width = images.shape[-2:]
+        pad_height, pad_width = -height % multiple, -width % multiple
+        if pad_height == 0 and pad_width == 0:
+            return images
+        images = F.pad(images, (0, min(pad_width, width - 1), 0, min(pad_height, height - 1)), mode="reflect")
+
+
+@dataclass
+class _EntropyCoder:
+    """The hyperprior path between the latent and its two byte strings.
+
+    It always runs on the CPU in float32: the decoder must compute bit-identical means and scales
+    to the encoder's, and GPU convolutions are not reproducible across machines.
+    """
+
+    hyper_analysis: nn.Module
+    hyper_synthesis_mean: nn.Module
+    hyper_synthesis_scale: nn.Module
+    hyper_bottleneck: EntropyBottleneck
+    latent_bottleneck: GaussianConditional
+
+    def encode(self, latent: Tensor) -> tuple[list[bytes], list[bytes]]:
+        hyper = self.hyper_analysis(latent)
+        hyper_strings = self.hyper_bottleneck.compress(hyper)
+        indexes, means = self._indexes_and_means(hyper_strings, tuple(hyper.shape[-2:]))
+        latent_strings = self.latent_bottleneck.compress(latent, indexes, means=means)
+        return latent_strings, hyper_strings
+
+    def decode(self, latent_strings: list[bytes], hyper_strings: list[bytes], hyper_size: tuple[int, int]) -> Tensor:
+        indexes, means = self._indexes_and_means(hyper_strings, hyper_size)
+        return self.latent_bottleneck.decompress(latent_strings, indexes, means=means)
+
+    def _indexes_and_means(self, hyper_strings: list[bytes], hyper_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        hyper = self.hyper_bottleneck.decompress(hyper_strings, hyper_size)
+        scales = self.hyper_synthesis_scale(hyper)
+        return self.latent_bottleneck.build_indexes(scales), self.hyper_synthesis_mean(hyper)
+
+
+class HiFiCAutoencoder(nn.Module):
+    """HiFiC encoder and generator around a mean-scale hyperprior, at 1/16 latent resolution.
+
+    The defaults are the official MS-ILLM architecture; smaller widths make test-sized models.
+    `forward` takes images in [0, 1] whose sides are multiples of `pad_multiple`; `compress` and
+    `decompress` take any size and run the entropy path on the CPU in float32.
+    """
+
+    pad_multiple = 64
+
+    def __init__(
+        self,
+        latent_channels: int = 220,
+        hyper_channels: int = 320,
+        encoder_channels: tuple[int, ...] = (60, 120, 240, 480, 960),
+        num_residual_blocks: int = 9,
+    ):
+        super().__init__()
+        encoder_channels = tuple(encoder_channels)
+        if len(encoder_channels) != 5:
+            raise IllmError(f"encoder_channels must have 5 entries (4 downsamplings), got {encoder_channels}")
+        self.encoder = HiFiCEncoder(latent_channels, encoder_channels)
+        self.decoder = HiFiCGenerator(latent_channels, encoder_channels, num_residual_blocks)
+        self.hyper_analysis = _hyper_analysis(latent_channels, hyper_channels)
+        self.hyper_synthesis_mean = _hyper_synthesis(hyper_channels, latent_channels)
+        self.hyper_synthesis_scale = _hyper_synthesis(hyper_channels, latent_channels)
+        self.hyper_bottleneck = EntropyBottleneck(hyper_channels)
+        self.latent_bottleneck = GaussianConditional(scale_table=None)
+        for bottleneck in (self.hyper_bottleneck, self.latent_bottleneck):
+            bottleneck.register_load_state_dict_pre_hook(_prepare_entropy_model_load)
+        self._frozen_encoder = False
+        self._frozen_bottleneck = False
+
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> HiFiCAutoencoder:
+        """Builds the architecture that `state_dict` describes (official or tiny) and loads it."""
+        if not isinstance(state_dict, Mapping):
+            raise IllmError(f"expected a HiFiC autoencoder state dict, got {type(state_dict).__name__}")
+
+        def out_channels(key: str) -> int:
+            value = state_dict.get(key)
+            if not isinstance(value, Tensor) or value.ndim != 4:
+                raise IllmError(f"not a HiFiC autoencoder state dict: no 4-d tensor under key {key!r}")
+            return value.shape[0]
+
+        residual_indexes = {
+            int(match.group(1)) for key in state_dict if (match := re.match(r"decoder\.resid_blocks\.(\d+)\.", key))
+        }
+        model = cls(
+            latent_channels=out_channels("encoder.blocks.5.weight"),
+            hyper_channels=out_channels("hyper_analysis.0.weight"),
+            encoder_channels=tuple(out_channels(f"encoder.blocks.{i}.0.weight") for i in range(5)),
+            num_residual_blocks=len(residual_indexes),
+        )
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
+            raise IllmError(
+                f"state dict does not fit the HiFiC autoencoder inferred from it: {details[0] if details else error}"
+            ) from None
+        return model
+
+    def forward(self, images: Tensor) -> AutoencoderOutput:
+        """Encodes, quantizes and decodes `images` (B x 3 x H x W in [0, 1], sides multiples of 64)."""
+        self._check_images(images, need_multiple=True)
+        latent = self.encoder(images)
+        hyper = self.hyper_analysis(latent)
+        with _no_autocast(hyper.device):
+            hyper = hyper.float()
+            hyper_hat, hyper_likelihoods = self.hyper_bottleneck(hyper)
+            with torch.no_grad():
+                _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper, training=False)
+        means = self.hyper_synthesis_mean(hyper_hat)
+        scales = self.hyper_synthesis_scale(hyper_hat)
+        with _no_autocast(latent.device):
+            latent, means, scales = latent.float(), means.float(), scales.float()
+            latent_hat, latent_likelihoods = self.latent_bottleneck(latent, scales, means=means)
+            # As in the official model, the rounded latent is judged by the means and scales of
+            # the (noisy in training) hyper-latent that the rate loss uses.
+            with torch.no_grad():
+                _, latent_rounded_likelihoods = self.latent_bottleneck(latent, scales, means=means, training=False)
+        if self.training:
+            latent_hat = _quantize_ste(latent, means)
+        return AutoencoderOutput(
+            images=self.decoder(latent_hat),
+            latent=latent_hat,
+            likelihoods={"latent": latent_likelihoods, "hyper": hyper_likelihoods},
+            rounded_likelihoods={"latent": latent_rounded_likelihoods, "hyper": hyper_rounded_likelihoods},
+        )
+
+    @torch.no_grad()
+    def compress(self, images: Tensor) -> list[tuple[bytes, bytes]]:
+        """(latent string, hyper string) for each image of a B x 3 x H x W batch in [0, 1], any size."""
+        self._check_images(images, need_multiple=False)
+        encoder_weight = self.encoder.blocks[0][0].weight
+        padded = _pad_to_multiple(images.to(encoder_weight), self.pad_multiple)
+        latent = self.encoder(padded).to("cpu", torch.float32)
+        with _no_autocast(latent.device):
+            latent_strings, hyper_strings = self._entropy_coder().encode(latent)
+        return list(zip(latent_strings, hyper_strings))
+
+    @torch.no_grad()
+    def decompress(self, latent_string: bytes, hyper_string: bytes, height: int, width: int) -> Tensor:
+        """The 1 x 3 x height x width image in [0, 1] that `compress` encoded into the two strings."""
+        for name, value in (("latent_string", latent_string), ("hyper_string", hyper_string)):
+            if not isinstance(value, bytes):
+                raise IllmError(f"{name} must be bytes, got {type(value).__name__}")
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IllmError(f"image {name} must be a positive integer, got {value!r}")
+        hyper_size = (-(-height // self.pad_multiple), -(-width // self.pad_multiple))
+        with _no_autocast(torch.device("cpu")):
+            latent = self._entropy_coder().decode([latent_string], [hyper_string], hyper_size)
+        generator_weight = self.decoder.blocks[-1].weight
+        images = self.decoder(latent.to(generator_weight)).float()
+        return images[:, :, :height, :width].clamp(0.0, 1.0)
+
+    @torch.no_grad()
+    def update(self, force: bool = False) -> bool:
+        """Builds the entropy coders' tables (if missing, or always with `force`); True if it did."""
+        with _no_autocast(self.hyper_bottleneck.quantiles.device):
+            updated = self.hyper_bottleneck.update(force=force)
+            updated |= self.latent_bottleneck.update_scale_table(get_scale_table(), force=force)
+        return updated
+
+    def aux_loss(self) -> Tensor:
+        """The loss that fits the hyper-latent quantiles (it only reaches `aux_parameters()`)."""
+        with _no_autocast(self.hyper_bottleneck.quantiles.device):
+            return self.hyper_bottleneck.loss()
+
+    def aux_parameters(self) -> list[nn.Parameter]:
+        """The entropy bottleneck's quantiles, for the auxiliary optimizer."""
+        return [self.hyper_bottleneck.quantiles]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """Every parameter but the quantiles (frozen ones included: their gradients stay None)."""
+        return [param for name, param in self.named_parameters() if name != "hyper_bottleneck.quantiles"]
+
+    def freeze_encoder(self) -> None:
+        """Stops training the encoder: no gradients, and eval mode across later `.train()` calls."""
+        self._frozen_encoder = True
+        self._freeze(self.encoder)
+
+    def freeze_bottleneck(self) -> None:
+        """Freezes the hyper-analysis, both hyper-syntheses and the entropy models, like `freeze_encoder`.
+
+        Frozen entropy models stay in eval mode, so their likelihoods are of rounded values.
+        """
+        self._frozen_bottleneck = True
+        for name in _ENTROPY_MODULES:
+            self._freeze(getattr(self, name))
+
+    def train(self, mode: bool = True) -> HiFiCAutoencoder:
+        """Sets train/eval mode like `nn.Module.train`, keeping frozen parts in eval mode."""
+        super().train(mode)
+        if self._frozen_encoder:
+            self.encoder.eval()
+        if self._frozen_bottleneck:
+            for name in _ENTROPY_MODULES:
+                getattr(self, name).eval()
+        return self
+
+    @staticmethod
+    def _freeze(module: nn.Module) -> None:
+        module.eval()
+        module.requires_grad_(False)
+
+    def _entropy_coder(self) -> _EntropyCoder:
+        """The entropy path with built tables, on the CPU in float32 (copied if it lives elsewhere)."""
+        self.update()
+        modules = {name: getattr(self, name) for name in _ENTROPY_MODULES}
+        cpu = torch.device("cpu")
+        on_cpu = all(
+            tensor.device == cpu and (tensor.dtype == torch.float32 or not tensor.is_floating_point())
+            for module in modules.values()
+            for tensor in (*module.parameters(), *module.buffers())
+        )
+        if not on_cpu:
+            modules = {name: copy.deepcopy(module).to(cpu, torch.float32) for name, module in modules.items()}
+        return _EntropyCoder(**modules)
+
+    def _check_images(self, images: Tensor, need_multiple: bool) -> None:
+        if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+            raise IllmError(f"expected images of shape B x 3 x H x W, got {shape}")
+        if not images.is_floating_point():
+            raise IllmError(f"expected float images in [0, 1], got dtype {images.dtype}")
+        height, width = images.shape[-2:]
+        if height == 0 or width == 0 or images.shape[0] == 0:
+            raise IllmError(f"cannot encode an empty batch or image: shape {tuple(images.shape)}")
+        if need_multiple and (height % self.pad_multiple or width % self.pad_multiple):
+            raise IllmError(
+                f"forward needs height and width multiples of {self.pad_multiple}, got {height}x{width} "
+                "(compress pads any size)"
+            )
