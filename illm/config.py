@@ -132,6 +132,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 def build_config(config_cls, tables: dict[str, Any], source: str):
     """Build `config_cls` (a dataclass of section dataclasses) from nested dicts, strictly."""
     sections = _section_types(config_cls)
+    defaults = config_cls()
     kwargs = {}
     for section_name, table in tables.items():
         if section_name not in sections:
@@ -157,7 +158,9 @@ def build_config(config_cls, tables: dict[str, Any], source: str):
             if meta.get("check") and (problem := meta["check"](value)):
                 raise ConfigError(f"{where}: {problem}")
             values[key] = value
-        kwargs[section_name] = section_cls(**values)
+        # Keys a file leaves out keep the defaults of *this* config's section (e.g. a stage's own
+        # batch size), not those of the section class.
+        kwargs[section_name] = dataclasses.replace(getattr(defaults, section_name), **values)
     config = config_cls(**kwargs)
     if hasattr(config, "validate"):
         try:

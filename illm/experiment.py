@@ -19,7 +19,7 @@ from illm.config import (
 )
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-CROP_MODES = ("random_crop", "random_resized_crop")
+CROP_MODES = ("random_crop", "random_resized_crop", "either")
 LR_SCHEDULES = ("ramp_cosine", "constant")
 LPIPS_NETS = ("alex", "vgg")
 BACKBONE_WEIGHTS = ("pretrained", "random")
@@ -41,7 +41,7 @@ class DataSection:
     train: str = doc_field("", "Folder of training images, searched recursively (JPEG, PNG, WebP).")
     val: str = doc_field("", "Folder of validation images; empty disables validation.")
     crop_size: int = doc_field(256, "Training crop size in pixels (a multiple of 64).", multiple_of(64))
-    crop_mode: str = doc_field("random_crop", "Training crop: reflect-padded random crop or random resized crop.", choices=CROP_MODES)
+    crop_mode: str = doc_field("either", "Training crop: reflect-padded random crop, random resized crop, or `either` (a 50/50 choice per image, as the official training).", choices=CROP_MODES)
     batch_size: int = doc_field(8, "Training images per process and step.", positive)
     num_workers: int = doc_field(4, "Data loader worker processes per training process.", non_negative)
     val_crop_size: int = doc_field(256, "Validation images are resized and centre-cropped to this size.", multiple_of(64))
@@ -268,6 +268,15 @@ class FinetuneConfig:
         _check_betas("optim.disc_betas", self.optim.disc_betas)
         if self.gan.mc_sampling and self.data.batch_size < 2:
             raise ConfigError("key 'data.batch_size': must be >= 2 with gan.mc_sampling = true (the batch is split in halves)")
+        if self.train.mixed_precision == "fp16":
+            # Two optimizers would share Accelerate's one GradScaler, whose update after the first
+            # step re-arms unscaling for the second: use bf16 (no scaler) instead.
+            raise ConfigError("key 'train.mixed_precision': 'fp16' is not supported in stage 2 (one loss scaler, two optimizers); use 'bf16' or 'no'")
+        widths = len(self.discriminator.channels)
+        if widths < 4:
+            raise ConfigError(f"key 'discriminator.channels': needs at least 4 widths (logits at 1/8 of the image), got {self.discriminator.channels}")
+        if self.data.crop_size % 2**widths:
+            raise ConfigError(f"key 'data.crop_size': must be a multiple of {2**widths} for {widths} discriminator levels, got {self.data.crop_size}")
 
 
 def _check_betas(key: str, betas) -> None:

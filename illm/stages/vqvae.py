@@ -1,0 +1,317 @@
+"""Stage 0: train the VQ-VAE whose codes label real image patches for the MS-ILLM discriminator.
+
+    accelerate launch scripts/train_vqvae.py configs/vqvae_xcit_p8_ch64_cb1024_h8.toml data.train=DIR data.val=DIR
+
+Per iteration: forward, loss = reconstruction (L1 or MSE) + LPIPS + β·commitment + codebook
+term, backward, clip, optimizer and LR-schedule step. Then the codebook upkeep, identical on
+every process: the step's hit counts of all processes are summed into every process's counters,
+a few encoder outputs of every process join a shared buffer of recent latents, and every
+`codebook.reseed_every` steps the codes without a hit for `codebook.dead_after` steps are moved
+onto latents drawn from that buffer with a generator seeded by the step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from illm import metrics
+from illm.config import load_config
+from illm.experiment import VQVAEConfig
+from illm.models.vqvae import VQVAE, VQVAEOutput
+from illm.optimizer import adamw, lr_schedule
+from illm.stages.pretrain import build_lpips
+from illm.training import (
+    BatchStream,
+    Progress,
+    evaluating,
+    fixed_images,
+    load_checkpoint,
+    loaders,
+    memory_gb,
+    parse_args,
+    run_main,
+    save_checkpoint,
+    start_run,
+    sync_context,
+    train_dataset,
+    val_dataset,
+)
+
+USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
+
+# The recent-latent buffer holds this many vectors per code, so that even a fully dead codebook
+# can be re-seeded from distinct vectors.
+RECENT_VECTORS_PER_CODE = 4
+PALETTE_SEED = 0
+
+
+def build_vqvae(model_cfg) -> VQVAE:
+    return VQVAE(
+        ch=model_cfg.ch,
+        ch_mult=tuple(model_cfg.ch_mult),
+        num_res_blocks=model_cfg.num_res_blocks,
+        attention_levels=tuple(model_cfg.attention_levels),
+        embed_dim=model_cfg.embed_dim,
+        codebook_size=model_cfg.codebook_size,
+        codebook_dim=model_cfg.codebook_dim,
+    )
+
+
+def vqvae_loss(out: VQVAEOutput, images: Tensor, loss_cfg, lpips: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted training loss and its unweighted terms (named `l1`/`mse`, `lpips`, `commitment`, `codebook`)."""
+    pixel_loss = F.l1_loss if loss_cfg.reconstruction == "l1" else F.mse_loss
+    reconstruction = pixel_loss(out.images.float(), images.float())
+    terms = {loss_cfg.reconstruction: reconstruction, "commitment": out.commitment_loss, "codebook": out.codebook_loss}
+    loss = (
+        loss_cfg.reconstruction_weight * reconstruction
+        + loss_cfg.commitment_beta * out.commitment_loss
+        + loss_cfg.codebook_weight * out.codebook_loss
+    )
+    if lpips is not None and loss_cfg.lpips_weight > 0:
+        terms["lpips"] = lpips(out.images, images).mean()
+        loss = loss + loss_cfg.lpips_weight * terms["lpips"]
+    return loss, terms
+
+
+# --- codebook upkeep ----------------------------------------------------------------------------
+
+
+class CodebookKeeper(nn.Module):
+    """Codebook upkeep state, identical on every process and saved in the checkpoints.
+
+    Buffers: `last_hit_step` (the step at which each code was last picked by any process) and
+    a ring buffer `recent` of encoder outputs gathered from all processes (`num_seen` counts
+    the vectors ever written), which dead codes are re-seeded from.
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, capacity: int):
+        super().__init__()
+        self.register_buffer("last_hit_step", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("recent", torch.zeros(capacity, code_dim))
+        self.register_buffer("num_seen", torch.zeros((), dtype=torch.long))
+
+    def record_hits(self, counts: Tensor, step: int) -> None:
+        self.last_hit_step[counts > 0] = step
+
+    def dead_codes(self, step: int, dead_after: int) -> Tensor:
+        """Mask of the codes without a hit in the last `dead_after` steps."""
+        return step - self.last_hit_step >= dead_after
+
+    def revive(self, codes: Tensor, step: int) -> None:
+        """Give re-seeded codes a fresh `dead_after` steps to be picked."""
+        self.last_hit_step[codes] = step
+
+    def remember(self, vectors: Tensor) -> None:
+        """Append N x D vectors to the ring buffer, overwriting the oldest."""
+        capacity = len(self.recent)
+        vectors = vectors[-capacity:]
+        slots = (self.num_seen + torch.arange(len(vectors), device=self.recent.device)) % capacity
+        self.recent[slots] = vectors.to(self.recent)
+        self.num_seen += len(vectors)
+
+    def recent_latents(self) -> Tensor:
+        """The buffered vectors (fewer than the capacity until it has filled)."""
+        return self.recent[: min(int(self.num_seen), len(self.recent))]
+
+
+def share_hits(accelerator, vqvae: VQVAE, hits_before: Tensor) -> Tensor:
+    """Add the other processes' hits of this step to this process's hit counters.
+
+    Every process counted only its own images since `hits_before`; afterwards all processes
+    hold the same counts. Returns the step's hit count per code, summed over processes.
+    """
+    hits = vqvae.quantizer.codebook_hits_0
+    step_hits = accelerator.reduce(hits - hits_before, reduction="sum")
+    hits.copy_(hits_before + step_hits)
+    return step_hits
+
+
+def sample_latents(latent: Tensor, count: int) -> Tensor:
+    """`count` latent vectors (count x D) drawn at random positions of a B x D x h x w latent."""
+    vectors = latent.detach().float().permute(0, 2, 3, 1).flatten(0, 2)
+    return vectors[torch.randint(len(vectors), (count,), device=vectors.device)]
+
+
+def reseed_dead_codes(vqvae: VQVAE, keeper: CodebookKeeper, step: int, cfg: VQVAEConfig) -> int:
+    """Move the dead codes onto recent latents; the same on every process (shared buffer,
+    generator seeded by the run seed and the step). Returns how many codes moved."""
+    dead = keeper.dead_codes(step, cfg.codebook.dead_after)
+    generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + step)
+    reseeded = vqvae.reseed_dead_codes(keeper.recent_latents(), dead, generator)
+    if reseeded:
+        keeper.revive(dead, step)
+    return reseeded
+
+
+def codebook_logs(prefix: str, usage: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in usage.items()}
+
+
+# --- validation and images ------------------------------------------------------------------------
+
+
+def validate(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
+    """Reconstruction metrics and codebook usage over the validation set, over all processes."""
+    accelerator = run.accelerator
+    vqvae = accelerator.unwrap_model(model)
+    names = ["val/psnr", f"val/{loss_cfg.reconstruction}"]
+    names += ["val/ms_ssim"] if run.config.data.val_crop_size >= metrics.MS_SSIM_MIN_SIDE else []
+    names += ["val/lpips"] if lpips is not None else []
+    sums = {name: torch.zeros((), device=accelerator.device, dtype=torch.float64) for name in names}
+    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+    code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long, device=accelerator.device)
+    pixel_loss = F.l1_loss if loss_cfg.reconstruction == "l1" else F.mse_loss
+    with evaluating(vqvae):
+        for batch in val_loader:
+            images = batch.images
+            if images.shape[0] == 0:
+                continue
+            with accelerator.autocast():
+                out = vqvae(images)
+            recon = out.images.float().clamp(0, 1)
+            per_image = {
+                "val/psnr": metrics.psnr(recon, images),
+                f"val/{loss_cfg.reconstruction}": pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1),
+            }
+            if "val/ms_ssim" in sums:
+                per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
+            if lpips is not None:
+                per_image["val/lpips"] = lpips(recon, images)
+            for name, values in per_image.items():
+                sums[name] += values.double().sum()
+            count += images.shape[0]
+            code_counts += vqvae.code_counts(out.indices)
+    count = accelerator.reduce(count, reduction="sum").item()
+    results = {name: (accelerator.reduce(total, reduction="sum") / max(count, 1)).item() for name, total in sums.items()}
+    code_counts = accelerator.reduce(code_counts, reduction="sum").cpu()
+    # codebook_usage reads indices: rebuild an index multiset with the summed counts.
+    all_indices = torch.repeat_interleave(torch.arange(vqvae.num_codes), code_counts)
+    results.update(codebook_logs("val/codebook", vqvae.codebook_usage(all_indices)))
+    return results if count else {}
+
+
+def label_palette(num_codes: int) -> Tensor:
+    """A fixed random colour (num_codes x 3, in [0, 1]) per code, the same in every run."""
+    return torch.rand(num_codes, 3, generator=torch.Generator().manual_seed(PALETTE_SEED))
+
+
+def label_map(indices: Tensor, palette: Tensor, factor: int) -> Tensor:
+    """B x h x w code indices -> B x 3 x h*factor x w*factor image, one palette colour per patch."""
+    colours = palette.to(indices.device)[indices].permute(0, 3, 1, 2)
+    return F.interpolate(colours, scale_factor=factor, mode="nearest")
+
+
+def log_images(run, vqvae: VQVAE, fixed: dict[str, Tensor | None], palette: Tensor, step: int) -> None:
+    """Input next to reconstruction for the fixed images, and the labels of the validation ones."""
+    with evaluating(vqvae):
+        for split, images in fixed.items():
+            if images is None:
+                continue
+            images = images.to(run.accelerator.device)
+            out = vqvae(images)
+            run.logger.image_pairs(f"{split}/input_vs_reconstruction", images, out.images, step)
+            if split == "val":
+                labels = label_map(out.indices, palette, vqvae.downsampling_factor)
+                run.logger.image_pairs("val/input_vs_labels", images, labels, step)
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    config_path, overrides = parse_args(argv, USAGE)
+    train(load_config(VQVAEConfig, config_path, overrides))
+
+
+def train(cfg: VQVAEConfig) -> VQVAE:
+    """Run (or resume) stage 0 as `cfg` says; returns the trained VQ-VAE (unwrapped)."""
+    train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
+    lpips = build_lpips(cfg.lpips, needed=cfg.loss.lpips_weight > 0 or bool(cfg.data.val))
+    # Each process counts its own codebook hits (summed by `share_hits`): DDP must not
+    # overwrite them with the main process's counts before every forward.
+    run = start_run(cfg, "vqvae", broadcast_buffers=False)
+    accelerator = run.accelerator
+
+    model = build_vqvae(cfg.model)
+    keeper = CodebookKeeper(cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size)
+    keeper.to(accelerator.device)
+    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
+    lpips = lpips.to(accelerator.device) if lpips is not None else None
+    train_loader, val_loader = loaders(run, train_set, val_set)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    vqvae = accelerator.unwrap_model(model)
+    stream = BatchStream(train_loader, accelerator)
+    fixed = {"train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size), "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size)}
+    palette = label_palette(cfg.model.codebook_size)
+
+    models, optimizers, schedulers = {"vqvae": model, "codebook_keeper": keeper}, {"model": optimizer}, {"model": scheduler}
+    step = load_checkpoint(run, models, optimizers, schedulers, stream) if run.resume_from else 0
+    progress = Progress(accelerator, step, cfg.train.max_steps, cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes)
+    batches = iter(stream)
+    model.train()
+    val_metrics: dict[str, float] = {}
+    while step < cfg.train.max_steps:
+        # --- VQ-VAE step (gradient accumulation over micro-batches) ---
+        hits_before = vqvae.code_counts()
+        for micro in range(cfg.train.grad_accum_steps):
+            images = next(batches)
+            last = micro == cfg.train.grad_accum_steps - 1
+            with sync_context(accelerator, model, last), accelerator.autocast():
+                out = model(images)
+                loss, terms = vqvae_loss(out, images, cfg.loss, lpips)
+                accelerator.backward(loss / cfg.train.grad_accum_steps)
+        # max_norm = inf measures the (unscaled) norm without clipping.
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        # --- codebook upkeep: the same on every process ---
+        keeper.record_hits(share_hits(accelerator, vqvae, hits_before), step)
+        if cfg.codebook.reseed_dead:
+            keeper.remember(accelerator.gather(sample_latents(out.latent, cfg.data.batch_size)))
+            if step % cfg.codebook.reseed_every == 0:
+                reseeded = reseed_dead_codes(vqvae, keeper, step, cfg)
+                run.logger.scalars({"codebook/reseeded_codes": reseeded}, step)
+
+        # --- logs, validation, checkpoints ---
+        if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
+            # codebook/dead_codes: unused since the last log; stale_codes: unused for dead_after steps.
+            usage = vqvae.codebook_usage()  # the hits of all processes since the last log
+            vqvae.reset_codebook_hits()
+            logs = {
+                "train/loss": loss, **{f"train/{k}": v for k, v in terms.items()},
+                **codebook_logs("codebook", usage),
+                "codebook/stale_codes": keeper.dead_codes(step, cfg.codebook.dead_after).sum(),
+                "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
+                "perf/memory_gb": memory_gb(accelerator.device), "data/skipped_images": stream.skipped_images,
+                **progress.rates(step),
+            }
+            run.logger.scalars(logs, step)
+        progress.update(step, loss=loss.item())
+        if step % cfg.logging.val_every == 0 or step == cfg.train.max_steps:
+            if val_loader is not None:
+                val_metrics = validate(run, model, val_loader, lpips, cfg.loss)
+                run.logger.scalars(val_metrics, step)
+            if accelerator.is_main_process:
+                log_images(run, vqvae, fixed, palette, step)
+            model.train()
+        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
+            save_checkpoint(run, step, models, optimizers, schedulers, stream, val_metrics)
+            val_metrics = {}
+    progress.close()
+    run.logger.close()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"[vqvae] done at step {step}: {run.run_dir}")
+    return vqvae
+
+
+def cli(argv=None) -> None:
+    run_main(main, argv)
