@@ -76,6 +76,7 @@ def validate(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, st
     unwrapped = accelerator.unwrap_model(model)
     target, lam_above = rate_schedule(rate_cfg, step)
     sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     with evaluating(unwrapped):
         for batch in val_loader:
             images = batch.images
@@ -97,15 +98,13 @@ def validate(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, st
             if lpips is not None:
                 per_image["val/lpips"] = lpips(recon, images).flatten()
             batch_terms = {"val/distortion_loss": dist, "val/rate_loss": rate.loss, **{f"val/{k}": v for k, v in terms.items()}}
-            n = images.shape[0]
+            per_image.update({name: value.detach().expand(images.shape[0]) for name, value in batch_terms.items()})
             for name, values in per_image.items():
-                sums[name] = sums.get(name, 0) + values.detach().float().sum()
-            for name, value in batch_terms.items():
-                sums[name] = sums.get(name, 0) + value.detach().float() * n
-            sums["count"] = sums.get("count", 0) + torch.tensor(float(n), device=images.device)
-        totals = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device), reduction="sum") for k, v in sums.items()}
-        count = totals.pop("count", torch.tensor(0.0)).item()
-        results = {k: (v / count).item() for k, v in totals.items()} if count else {}
+                # gather_for_metrics drops the samples Accelerate repeats to even out the shards
+                values = accelerator.gather_for_metrics(values.detach().float().contiguous())
+                sums[name] = sums.get(name, 0) + values.sum()
+                counts[name] = counts.get(name, 0) + values.numel()
+        results = {name: (sums[name] / counts[name]).item() for name in sums}
         for split, images in fixed.items():
             if images is not None:
                 recon = unwrapped(images.to(accelerator.device)).images
