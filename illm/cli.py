@@ -1,0 +1,201 @@
+"""The ``illm`` command line: compress images into ``.illm`` files, decompress them, inspect them.
+
+    illm compress   --weights W INPUT...      [-o OUT] [--device cpu|cuda] [--force]
+    illm decompress --weights W INPUT.illm... [-o OUT] [--device cpu|cuda] [--force]
+    illm info FILE.illm...
+
+``W`` is an official weights name, a state-dict file, a training checkpoint or a run folder
+(see `illm.zoo.load`). ``OUT`` is a file for one input and a folder (created if needed) for
+several; without it each output is written beside its input (``<stem>.illm``, ``<stem>.png``).
+User errors print one line ``illm: error: ...`` and exit with status 1.
+"""
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from illm import codec, images
+from illm.errors import IllmError
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices are not for users
+        warnings.showwarning = _show_warning
+        try:
+            args.command(args)
+        except IllmError as error:
+            return _fail(str(error))
+        except OSError as error:
+            return _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
+        except torch.cuda.OutOfMemoryError:
+            return _fail(f"out of memory on {args.device}; try a smaller image or another --device")
+        except KeyboardInterrupt:
+            print("illm: interrupted", file=sys.stderr)
+            return 130
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="illm", description="MS-ILLM neural image compression.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def coding_command(name: str, run, help_text: str, input_help: str) -> None:
+        command = commands.add_parser(name, help=help_text, description=help_text)
+        command.set_defaults(command=run)
+        command.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=input_help)
+        command.add_argument(
+            "--weights", required=True, metavar="W",
+            help="official name (e.g. msillm_quality_3), state-dict file, training checkpoint or run folder",
+        )
+        command.add_argument(
+            "-o", "--output", metavar="OUT",
+            help="output file (one input) or folder (several inputs); default: beside each input",
+        )
+        command.add_argument(
+            "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+            help="where the networks run (default: cuda when available)",
+        )
+        command.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+
+    coding_command("compress", _compress, "compress images into .illm files", "image file (PNG, JPEG, WebP, ...)")
+    coding_command("decompress", _decompress, "decompress .illm files into PNG images", ".illm file")
+    info = commands.add_parser("info", help="show the header of .illm files (no weights needed)")
+    info.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    info.set_defaults(command=_info)
+    return parser
+
+
+def _compress(args: argparse.Namespace) -> None:
+    _check_device(args.device)
+    targets = _plan_outputs(args.inputs, args.output, ".illm", args.force)
+    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device)
+    start = time.perf_counter()
+    total_bytes = total_pixels = 0
+    for source, target in _progress(args.inputs, targets, "compressing"):
+        image = images.read_image(source)
+        with _naming(source):
+            data = codec.compress(model, images.to_float(image), model_id=model_id)
+        images.atomic_write_bytes(target, data)
+        total_bytes += len(data)
+        total_pixels += image.shape[-2] * image.shape[-1]
+    _summary("compressed", len(targets), total_bytes, total_pixels, time.perf_counter() - start, load_seconds)
+
+
+def _decompress(args: argparse.Namespace) -> None:
+    _check_device(args.device)
+    targets = _plan_outputs(args.inputs, args.output, ".png", args.force)
+    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device)
+    start = time.perf_counter()
+    total_bytes = total_pixels = 0
+    for source, target in _progress(args.inputs, targets, "decompressing"):
+        data = source.read_bytes()
+        with _naming(source):
+            image = codec.decompress(model, data, model_id=model_id)
+        images.save_image(target, image)
+        total_bytes += len(data)
+        total_pixels += image.shape[-2] * image.shape[-1]
+    _summary("decompressed", len(targets), total_bytes, total_pixels, time.perf_counter() - start, load_seconds)
+
+
+def _info(args: argparse.Namespace) -> None:
+    for path in args.files:
+        with _naming(path):
+            header = codec.read_header(path.read_bytes())
+        print(
+            f"{path}\n"
+            f"  format version  {header.version}\n"
+            f"  weights id      {header.weights_id.hex()}\n"
+            f"  image size      {header.width}x{header.height} (width x height)\n"
+            f"  file size       {header.file_size:,} bytes, {header.bits_per_pixel:.4f} bpp\n"
+            f"  header          {header.header_size} bytes\n"
+            f"  payload         {header.payload_size:,} bytes (latent and hyper strings)\n"
+            f"  checksum        crc32 {header.crc:08x} ok"
+        )
+
+
+def _plan_outputs(inputs: list[Path], output: str | None, suffix: str, force: bool) -> list[Path]:
+    """The output path of each input, checked before any work starts; creates output folders.
+
+    ``output`` names a folder when there are several inputs, when it is an existing folder, or
+    when it ends with a path separator; otherwise it is the one output file.
+    """
+    for source in inputs:
+        if not source.is_file():
+            raise IllmError(f"{source}: {'is a folder, not a file' if source.is_dir() else 'no such file'}")
+    if output is None:
+        targets = [source.with_suffix(suffix) for source in inputs]
+    elif len(inputs) == 1 and not Path(output).is_dir() and not output.endswith(("/", os.sep)):
+        targets = [Path(output)]
+    else:
+        output = Path(output)
+        if output.exists() and not output.is_dir():
+            raise IllmError(f"{output}: is a file; with several inputs -o must be a folder")
+        targets = [output / (source.stem + suffix) for source in inputs]
+    resolved = [target.resolve() for target in targets]
+    for index, target in enumerate(resolved):
+        if target in resolved[:index]:
+            raise IllmError(f"{targets[index]}: two inputs would be written to this same output")
+        if target == inputs[index].resolve():
+            raise IllmError(f"{targets[index]}: the output would overwrite its input")
+        if target.exists() and not force:
+            raise IllmError(f"{targets[index]}: already exists (use --force to overwrite)")
+    for target in targets:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    return targets
+
+
+def _check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise IllmError("--device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device cpu")
+
+
+def _load_autoencoder(weights: str, device: str) -> tuple[torch.nn.Module, bytes, float]:
+    """The autoencoder, its weights id, and the seconds both took."""
+    from illm import zoo  # imports the networks and compressai: only for the commands that need them
+
+    start = time.perf_counter()
+    model = zoo.load(weights, "autoencoder", device)
+    model_id = codec.weights_id(model)
+    return model, model_id, time.perf_counter() - start
+
+
+def _progress(sources: list[Path], targets: list[Path], description: str) -> Iterable[tuple[Path, Path]]:
+    pairs = list(zip(sources, targets))
+    # disable=None hides the bar when stderr is not a terminal
+    return tqdm(pairs, desc=description, unit="file", file=sys.stderr, disable=True if len(pairs) < 2 else None)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """Prefix the message of an `IllmError` raised inside with the file it is about."""
+    try:
+        yield
+    except IllmError as error:
+        raise type(error)(f"{path}: {error}") from None
+
+
+def _summary(verb: str, files: int, total_bytes: int, pixels: int, seconds: float, load_seconds: float) -> None:
+    print(
+        f"{verb} {files} file{'s' if files != 1 else ''}: {total_bytes:,} bytes, "
+        f"{8 * total_bytes / pixels:.4f} bpp, {seconds:.2f} s (weights loaded in {load_seconds:.2f} s)"
+    )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"illm: warning: {message}", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"illm: error: {' '.join(message.split())}", file=sys.stderr)
+    return 1

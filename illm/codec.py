@@ -1,0 +1,173 @@
+"""The ``.illm`` file format: one compressed image, 15 bytes of framing around the payload.
+
+Layout of format version 1 (all integers big-endian)::
+
+    offset  size  field
+    0       2     magic: 0x89 0x49 ("\\x89I"; the high first byte keeps text files out)
+    2       1     format version: 1
+    3       4     weights id: the first 4 bytes of a SHA-256 of the autoencoder's state dict
+    7       2     image height in pixels, 1..MAX_SIDE
+    9       2     image width in pixels, 1..MAX_SIDE
+    11      n     payload: the latent string, then the hyper string with its bytes reversed
+    11 + n  4     CRC-32 (zlib's) of bytes 0 .. 11 + n - 1
+
+The file is ``n + 15`` bytes long. The two strings need no length fields: compressai's rANS
+decoder reads its string from the front and stops after the last symbol it was asked for,
+ignoring whatever follows. The latent string is decoded from the payload as it is, the hyper
+string from the payload reversed (which starts with the hyper string in its original order).
+
+A reader checks, before decoding anything: the magic, the version, the CRC (corruption and
+truncation), the image size (bounded by `MAX_SIDE` and `illm.images.MAX_PIXELS`, so a forged
+header cannot request a huge allocation) and a minimum payload size; then `decompress` checks
+the weights id, so that decoding with other weights is an error rather than a garbage image.
+The CRC guards against accidents, not forgery: a payload crafted with a matching CRC reaches
+compressai's decoder, which does no bounds checks of its own.
+"""
+
+import hashlib
+import struct
+import zlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from illm.errors import FormatError, IllmError, WeightsMismatchError
+from illm.images import MAX_PIXELS
+
+MAGIC = b"\x89I"
+VERSION = 1
+MAX_SIDE = 16384
+WEIGHTS_ID_BYTES = 4
+MAX_HEADER_BYTES = 16
+
+_HEADER = struct.Struct(">2sB4sHH")  # magic, version, weights id, height, width
+_CRC = struct.Struct(">I")
+FRAMING_BYTES = _HEADER.size + _CRC.size  # 15: everything in a file but the payload
+# An rANS string holds at least its final 64-bit coder state.
+_MIN_PAYLOAD_BYTES = 2 * 8
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields of a ``.illm`` file, as `read_header` found them."""
+
+    version: int
+    weights_id: bytes
+    height: int
+    width: int
+    header_size: int  # bytes of framing (header and CRC): the file size minus the payload
+    payload_size: int
+    crc: int
+
+    @property
+    def file_size(self) -> int:
+        return self.header_size + self.payload_size
+
+    @property
+    def bits_per_pixel(self) -> float:
+        return 8 * self.file_size / (self.height * self.width)
+
+
+def weights_id(model: nn.Module) -> bytes:
+    """A 4-byte identity of ``model``'s weights: SHA-256 over its state dict (names, dtypes,
+    shapes and bytes of every parameter and buffer, coder tables included), truncated.
+
+    Computed from CPU bytes, so it is the same on any device. It costs one pass over the
+    weights (about 1 s for the full-size autoencoder on a CPU core): compute it once and pass
+    it to `compress`/`decompress` when coding many images with the same weights.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.digest()[:WEIGHTS_ID_BYTES]
+
+
+def compress(model: nn.Module, image: Tensor, *, model_id: bytes | None = None) -> bytes:
+    """Compress one image (float ``1 x 3 x H x W`` or ``3 x H x W`` in [0, 1]) into the
+    complete bytes of a ``.illm`` file.
+
+    ``model`` is a `HiFiCAutoencoder` with built coder tables (as `illm.zoo.load` returns it);
+    ``model_id`` is ``weights_id(model)``, computed here when not given.
+    """
+    if image.ndim == 3:
+        image = image.unsqueeze(0)
+    if image.ndim != 4 or image.shape[:2] != (1, 3):
+        raise IllmError(f"compress takes one RGB image 1 x 3 x H x W, got shape {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    _check_size(height, width, IllmError)
+    model_id = _checked_id(model, model_id)
+    ((latent_string, hyper_string),) = model.compress(image)
+    header = _HEADER.pack(MAGIC, VERSION, model_id, height, width)
+    body = header + latent_string + hyper_string[::-1]
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def decompress(model: nn.Module, data: bytes, *, model_id: bytes | None = None) -> Tensor:
+    """Decode the bytes of a ``.illm`` file into a float ``1 x 3 x H x W`` image in [0, 1].
+
+    Raises `FormatError` for anything but an intact ``.illm`` file of a known version, and
+    `WeightsMismatchError` when it was made with other weights than ``model``'s.
+    """
+    header = read_header(data)
+    model_id = _checked_id(model, model_id)
+    if header.weights_id != model_id:
+        raise WeightsMismatchError(
+            f"the file was compressed with weights {header.weights_id.hex()}, "
+            f"but the weights given for decoding are {model_id.hex()}"
+        )
+    payload = bytes(data[_HEADER.size : -_CRC.size])
+    return model.decompress(payload, payload[::-1], header.height, header.width)
+
+
+def read_header(data: bytes) -> Header:
+    """Parse and check the framing of a ``.illm`` file (no weights needed).
+
+    Checks magic, version, CRC, image size and payload size, in that order; raises
+    `FormatError` with a one-line reason on the first that fails.
+    """
+    data = memoryview(data)
+    if len(data) >= len(MAGIC) and data[: len(MAGIC)] != MAGIC:
+        raise FormatError(
+            f"not an .illm file: it starts with {bytes(data[:4]).hex()}, not the magic {MAGIC.hex()}"
+        )
+    if len(data) > len(MAGIC) and data[len(MAGIC)] != VERSION:
+        raise FormatError(
+            f"unsupported .illm format version {data[len(MAGIC)]} (this illm reads version {VERSION})"
+        )
+    if len(data) < FRAMING_BYTES:
+        raise FormatError(f"truncated .illm file: {len(data)} bytes, less than its {FRAMING_BYTES}-byte framing")
+    magic, version, file_weights_id, height, width = _HEADER.unpack_from(data)
+    (stored_crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
+    if zlib.crc32(data[: -_CRC.size]) != stored_crc:
+        raise FormatError("corrupted or truncated .illm file: checksum mismatch")
+    _check_size(height, width, FormatError)
+    payload_size = len(data) - FRAMING_BYTES
+    if payload_size < _MIN_PAYLOAD_BYTES:
+        raise FormatError(f"invalid .illm file: payload of {payload_size} bytes, too short for two coded strings")
+    return Header(
+        version=version,
+        weights_id=file_weights_id,
+        height=height,
+        width=width,
+        header_size=FRAMING_BYTES,
+        payload_size=payload_size,
+        crc=stored_crc,
+    )
+
+
+def _check_size(height: int, width: int, error: type[IllmError]) -> None:
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > MAX_PIXELS:
+        raise error(
+            f"image size {height}x{width} is out of range: sides 1..{MAX_SIDE}, at most {MAX_PIXELS} pixels"
+        )
+
+
+def _checked_id(model: nn.Module, model_id: bytes | None) -> bytes:
+    if model_id is None:
+        return weights_id(model)
+    if not isinstance(model_id, bytes) or len(model_id) != WEIGHTS_ID_BYTES:
+        raise IllmError(f"model_id must be the {WEIGHTS_ID_BYTES} bytes of weights_id(model), got {model_id!r}")
+    return model_id
