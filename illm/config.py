@@ -226,14 +226,14 @@ def to_toml(config) -> str:
 
 
 def reference_markdown(config_cls, title: str) -> str:
-    """A Markdown table of every key with its default and doc, for the README."""
+    """A Markdown table of every key of `config_cls` with its default and doc, for the README."""
     rows = [f"#### {title}", "", "| key | default | meaning |", "| --- | --- | --- |"]
-    for section_field in dataclasses.fields(config_cls):
-        section_cls = _section_types(config_cls)[section_field.name]
+    defaults = config_cls()
+    for section_name, section_cls in _section_types(config_cls).items():
+        section = getattr(defaults, section_name)
         for f in dataclasses.fields(section_cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             doc = f.metadata.get("doc", "")
             if f.metadata.get("choices"):
                 doc += " One of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + "."
-            rows.append(f"| `{section_field.name}.{f.name}` | `{_toml_value(default)}` | {doc} |")
+            rows.append(f"| `{section_name}.{f.name}` | `{_toml_value(getattr(section, f.name))}` | {doc} |")
     return "\n".join(rows) + "\n"
