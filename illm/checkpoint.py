@@ -17,51 +17,20 @@ crash never leaves a half-written checkpoint behind a valid name.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from illm.errors import IllmError
+from illm.files import atomic_open, atomic_write_bytes
 
 FORMAT_VERSION = 1
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -152,7 +121,9 @@ class CheckpointManager:
         """Write a step checkpoint atomically, prune old ones, update best.pt when it improved."""
         checkpoint = {"illm_checkpoint": FORMAT_VERSION, **checkpoint}
         path = self.path_for(checkpoint["step"])
-        atomic_torch_save(checkpoint, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as file:
+            torch.save(checkpoint, file)
         for old in step_checkpoints(self.run_dir)[: -self.keep_last]:
             old.unlink(missing_ok=True)
         self._update_best(path, checkpoint.get("metrics") or {})
@@ -168,9 +139,8 @@ class CheckpointManager:
             better = value > previous if self.best_mode == "max" else value < previous
             if not better:
                 return
-        best_tmp = self.folder / ".best.pt.tmp"
-        shutil.copyfile(path, best_tmp)
-        os.replace(best_tmp, self.folder / "best.pt")
+        with atomic_open(self.folder / "best.pt") as file, path.open("rb") as source:
+            shutil.copyfileobj(source, file)
         record = {"metric": self.best_metric, "value": value, "step": int(path.stem.split("_")[1])}
         atomic_write_bytes(record_path, json.dumps(record).encode())
 

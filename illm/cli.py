@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from illm import codec, images
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +87,7 @@ def _compress(args: argparse.Namespace) -> None:
         image = images.read_image(source)
         with _naming(source):
             data = codec.compress(model, images.to_float(image), model_id=model_id)
-        images.atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data)
         total_bytes += len(data)
         total_pixels += image.shape[-2] * image.shape[-1]
     _summary("compressed", len(targets), total_bytes, total_pixels, time.perf_counter() - start, load_seconds)

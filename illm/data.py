@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from illm.errors import ConfigError, IllmError
+from illm.files import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -188,19 +188,9 @@ def _read_index(path: Path, expected_root: str | None) -> list[str] | None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename, so that readers never see a partial index."""
+    """Readers never see a partial index (see `illm.files.atomic_open`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", errors="surrogateescape") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)  # mkstemp makes it private; others sharing the dataset may read it
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 # ----------------------------------------------------------------------------------------------

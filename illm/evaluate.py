@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from illm import codec, images, zoo
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
 from illm.metrics import ALL_METRICS, DEFAULT_METRICS, DISTRIBUTION_METRICS, ImageMetrics
 
 RESULT_COLUMNS = ("model", "dataset", "bpp", "fid", "fid_swav", "kid", "lpips", "dists", "ms_ssim", "psnr")
@@ -250,7 +251,7 @@ def evaluate_image(model, model_id: bytes, path: Path, metrics: ImageMetrics, se
     if settings.save_bitstreams:
         target = settings.output / "bitstreams" / subfolder / f"{path.stem}.illm"
         target.parent.mkdir(parents=True, exist_ok=True)
-        images.atomic_write_bytes(target, data)
+        atomic_write_bytes(target, data)
     if settings.save_reconstructions:
         target = settings.output / "reconstructions" / subfolder / f"{path.stem}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -294,7 +295,7 @@ def write_report(report: Report, settings: Settings) -> None:
         "device": str(settings.device),
         "missing": report.missing,
     }
-    images.atomic_write_bytes(settings.output / "evaluation.json", json.dumps(summary, indent=2).encode())
+    atomic_write_bytes(settings.output / "evaluation.json", json.dumps(summary, indent=2).encode())
 
 
 def _cell(value) -> str:
@@ -306,7 +307,7 @@ def _cell(value) -> str:
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     lines = [",".join(columns)]
     lines += [",".join(_cell(row.get(column)) for column in columns) for row in rows]
-    images.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
 def read_official_results(path: Path = OFFICIAL_RESULTS) -> list[dict]:

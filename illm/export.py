@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from illm.checkpoint import atomic_write_bytes, read_checkpoint, resolve_checkpoint
+from illm.checkpoint import read_checkpoint, resolve_checkpoint
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 

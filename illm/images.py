@@ -7,8 +7,6 @@ Image sizes are checked from the file header before any pixel is decoded, so a s
 that claims a huge image (a "decompression bomb") is refused without allocating it.
 """
 
-import os
-import secrets
 import warnings
 from io import BytesIO
 from pathlib import Path
@@ -19,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
 
 MAX_PIXELS = 2**27  # 134 megapixels (e.g. 16384 x 8192): far beyond what the networks can process
 
@@ -122,27 +121,6 @@ def save_image(path: str | Path, image: Tensor) -> None:
     buffer = BytesIO()
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format=image_format)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a
-    partial one: write a temporary file in the same folder, flush it to disk, rename it."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # os.open with 0o666 lets the umask decide the permissions, as for an ordinary new file
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as error:  # report the file the user asked for, not the temporary one
-        raise OSError(error.errno, error.strerror, str(path)) from None
-    try:
-        with os.fdopen(descriptor, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def _one_line(error: BaseException) -> str:

@@ -30,10 +30,8 @@ import functools
 import hashlib
 import io
 import math
-import os
 import shutil
 import sys
-import tempfile
 import urllib.request
 import warnings
 from pathlib import Path
@@ -54,6 +52,7 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 from torch_fidelity.metric_kid import kid_features_to_metric
 
 from illm.errors import ConfigError, MissingWeightsError
+from illm.files import atomic_open
 
 FULL_REFERENCE_METRICS = ("psnr", "ms_ssim", "lpips", "dists")
 DISTRIBUTION_METRICS = ("fid", "kid", "fid_swav")
@@ -115,14 +114,8 @@ def _download(url: str, destination: Path) -> None:
     """Download ``url`` to ``destination`` through a temporary file (never a partial file)."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} to {destination}", file=sys.stderr)
-    partial = tempfile.NamedTemporaryFile(dir=destination.parent, suffix=".partial", delete=False)
-    try:
-        with partial, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
-            shutil.copyfileobj(response, partial)
-        os.replace(partial.name, destination)
-    except BaseException:
-        os.unlink(partial.name)
-        raise
+    with atomic_open(destination) as file, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
+        shutil.copyfileobj(response, file)
 
 
 def cached_weights(url: str, description: str, check_hash: bool = False) -> Path:

@@ -23,9 +23,10 @@ from torch import nn
 from tqdm import tqdm
 
 from illm import config as config_io
-from illm.checkpoint import CheckpointManager, atomic_write_bytes, prepare_run_dir, read_checkpoint, rng_state, set_rng_state
+from illm.checkpoint import CheckpointManager, prepare_run_dir, read_checkpoint, rng_state, set_rng_state
 from illm.data import ImageFolder, make_loader, train_transform, val_transform
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
 from illm.logger import TensorBoardLogger
 
 
