@@ -1,0 +1,78 @@
+"""Seconds per stage-2 iteration at full size: the official HiFiC, discriminator and VQ-VAE
+architectures (random weights), batch 4 split 2/2, 256x256 crops, on this machine's device.
+
+    python scripts/benchmark_finetune.py [--steps 5] [--precisions no bf16] [--threads N]
+
+It runs the real stage-2 loop (`illm.stages.finetune.train`, the 0.14 bpp config, MSE + LPIPS
+with an untrained AlexNet, which costs the same as the pretrained one) for a few iterations per
+precision in a temporary folder, and prints the median of the logged `perf/step_seconds`,
+leaving out the first (warm-up) iteration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from illm.config import load_config
+from illm.data import synthetic_images
+from illm.experiment import FinetuneConfig
+from illm.models.hific import HiFiCAutoencoder
+from illm.models.vqvae import VQVAE
+from illm.stages.finetune import train
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs/finetune_0.14bpp.toml"
+
+
+def step_seconds(run_dir: Path) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.value for event in events.Scalars("perf/step_seconds")]
+
+
+def benchmark(workdir: Path, precision: str, steps: int) -> list[float]:
+    """Per-iteration seconds of `steps` timed iterations (after one warm-up) in `precision`."""
+    run_dir = workdir / f"run_{precision}"
+    overrides = [
+        f"data.train={workdir / 'images'}", "data.val=", "data.batch_size=4", "data.num_workers=0",
+        f"run.dir={run_dir}", f"init.autoencoder={workdir / 'autoencoder.pt'}", f"init.labeller={workdir / 'vqvae.pt'}",
+        f"train.max_steps={steps + 1}", f"train.mixed_precision={precision}",
+        "logging.every=1", "checkpoint.every=1000000", 'lpips.backbone_weights="random"',
+    ]
+    train(load_config(FinetuneConfig, CONFIG, overrides))
+    return step_seconds(run_dir)[1:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations per precision (after one warm-up)")
+    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="illm-benchmark-") as tmp:
+        workdir = Path(tmp)
+        synthetic_images(workdir / "images", 8, (256, 256), seed=0)
+        torch.manual_seed(0)
+        torch.save(HiFiCAutoencoder().state_dict(), workdir / "autoencoder.pt")
+        torch.save(VQVAE().state_dict(), workdir / "vqvae.pt")
+        for precision in args.precisions:
+            results[precision] = benchmark(workdir, precision, args.steps)
+
+    device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\nstage 2, full size, batch 4 (2 compressed + 2 real), 256x256, {device}:")
+    for precision, seconds in results.items():
+        name = "float32" if precision == "no" else precision
+        print(f"  {name:8s} median {statistics.median(seconds):7.2f} s/iteration  (steps: {', '.join(f'{s:.2f}' for s in seconds)})")
+
+
+if __name__ == "__main__":
+    main()
