@@ -1,0 +1,54 @@
+"""scripts/export.py: training runs become plain weights files in the official formats."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from illm import codec, zoo
+from illm.config import load_config
+from illm.data import synthetic_images
+from illm.experiment import PretrainConfig, VQVAEConfig
+from illm.export import export
+from illm.stages import pretrain, vqvae
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    synthetic_images(root / "train", 4, (64, 64), seed=0)
+    common = [f"data.train={root / 'train'}", "data.val=''", "train.max_steps=1", "checkpoint.every=1"]
+    pretrain.train(load_config(PretrainConfig, REPO / "configs/tiny/pretrain.toml", [f"run.dir={root / 'ae'}", *common]))
+    vqvae.train(load_config(VQVAEConfig, REPO / "configs/tiny/vqvae.toml", [f"run.dir={root / 'vq'}", *common]))
+    return root
+
+
+def test_autoencoder_export_is_a_plain_updated_state_dict(runs, tmp_path):
+    kind, _ = export(runs / "ae", tmp_path / "ae.pt")
+    state = torch.load(tmp_path / "ae.pt", weights_only=True)
+    assert kind == "autoencoder" and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert state["latent_bottleneck._quantized_cdf"].numel() > 0  # update() ran: coder tables built
+    model = zoo.load(str(tmp_path / "ae.pt"))
+    image = torch.rand(1, 3, 70, 90)
+    assert codec.decompress(model, codec.compress(model, image)).shape == image.shape
+
+
+def test_vqvae_export_loads_as_a_labeller(runs, tmp_path):
+    kind, _ = export(runs / "vq", tmp_path / "vq.pt")
+    labeller = zoo.load(str(tmp_path / "vq.pt"), kind="vqvae")
+    assert kind == "vqvae"
+    labels = labeller.labels(torch.rand(2, 3, 64, 96))
+    assert labels.shape == (2, 8, 12) and labels.dtype == torch.int64
+    assert 0 <= labels.min() and labels.max() < labeller.num_codes
+
+
+def test_export_errors_are_one_line(runs, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(tmp_path / "nothing"), "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    result = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(runs / "vq"), "--kind", "autoencoder", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
+    assert result.returncode == 1 and "holds no autoencoder" in result.stderr
+    assert not (tmp_path / "x.pt").exists()
