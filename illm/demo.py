@@ -36,7 +36,7 @@ HELD_OUT_PHOTOS = ["chelsea", "camera"]
 TILE = 128
 
 # Steps per stage: the full demo, and --quick (for the test suite: proves the wiring only).
-STEPS = {"full": {"vqvae": 300, "pretrain": 1500, "finetune": 300}, "quick": {"vqvae": 2, "pretrain": 2, "finetune": 2}}
+STEPS = {"full": {"vqvae": 300, "pretrain": 2000, "finetune": 300}, "quick": {"vqvae": 2, "pretrain": 2, "finetune": 2}}
 
 
 def photo(name: str) -> np.ndarray:
