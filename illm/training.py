@@ -317,3 +317,12 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def finish_run(run: Run, progress: Progress, stage: str, step: int) -> None:
+    """Close the progress bar and the event files, release the processes, say where the run is."""
+    progress.close()
+    run.logger.close()
+    run.accelerator.end_training()
+    if run.accelerator.is_main_process:
+        print(f"[{stage}] done at step {step}: {run.run_dir}")

@@ -15,19 +15,9 @@ from skimage import data
 
 from illm import codec, images
 from illm.cli import main
-from illm.models.hific import HiFiCAutoencoder
+from conftest import tiny_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
-
-
-def tiny_autoencoder(seed: int) -> HiFiCAutoencoder:
-    torch.manual_seed(seed)
-    model = HiFiCAutoencoder(**TINY).eval()
-    model.update(force=True)
-    return model
-
-
 def weights(folder: Path, name: str = "weights.pt") -> list[str]:
     return ["--weights", str(folder / name)]
 

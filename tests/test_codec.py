@@ -12,15 +12,7 @@ from illm import codec
 from illm.errors import FormatError, IllmError, WeightsMismatchError
 from illm.images import to_float
 from illm.models.hific import HiFiCAutoencoder
-
-TINY = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
-
-
-def tiny_autoencoder(seed: int) -> HiFiCAutoencoder:
-    torch.manual_seed(seed)
-    model = HiFiCAutoencoder(**TINY).eval()
-    model.update(force=True)
-    return model
+from conftest import tiny_autoencoder
 
 
 @pytest.fixture(scope="module")

@@ -2,19 +2,7 @@
 
 import csv
 
-import pytest
-
-from illm import demo, metrics
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_download(url, destination):
-        raise OSError("offline test")
-
-    monkeypatch.setattr(metrics, "_download", no_download)
+from illm import demo
 
 
 def test_quick_demo_makes_everything_it_announces(tmp_path, offline, capsys):

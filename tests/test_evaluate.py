@@ -11,17 +11,6 @@ from illm import evaluate, images, metrics
 from illm.models.hific import HiFiCAutoencoder
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """An empty torch hub cache and a download that always fails: no network access in tests."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_network(url, destination):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(metrics, "_download", no_network)
-
-
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     torch.manual_seed(0)

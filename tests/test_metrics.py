@@ -9,18 +9,6 @@ from illm import metrics
 from illm.errors import MissingWeightsError
 
 
-@pytest.fixture
-def offline(tmp_path, monkeypatch):
-    """An empty torch hub cache and a download that always fails: no network access in tests."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-
-    def no_network(url, destination):
-        raise OSError("network disabled in tests")
-
-    monkeypatch.setattr(metrics, "_download", no_network)
-    return tmp_path / "torch_home" / "hub" / "checkpoints"
-
-
 def test_psnr_matches_hand_computation_on_rounded_images():
     original = torch.zeros(1, 3, 4, 4)
     original[..., 0, 0] = 100 / 255

@@ -40,6 +40,7 @@ from illm.training import (
     BatchStream,
     Progress,
     average_gradients,
+    finish_run,
     fixed_images,
     gradient_norm,
     ignore_in_ddp,
@@ -285,11 +286,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             save_checkpoint(run, step, models, optimizers, {}, stream, val_metrics)
             val_metrics = {}
-    progress.close()
-    run.logger.close()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"[finetune] done at step {step}: {run.run_dir}")
+    finish_run(run, progress, "finetune", step)
     return nn.ModuleDict({"autoencoder": unwrapped, "discriminator": unwrapped_disc})
 
 

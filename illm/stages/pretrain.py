@@ -22,6 +22,7 @@ from illm.training import (
     Progress,
     average_gradients,
     evaluating,
+    finish_run,
     fixed_images,
     gradient_norm,
     ignore_in_ddp,
@@ -191,11 +192,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             save_checkpoint(run, step, models, optimizers, schedulers, stream, val_metrics)
             val_metrics = {}
-    progress.close()
-    run.logger.close()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"[pretrain] done at step {step}: {run.run_dir}")
+    finish_run(run, progress, "pretrain", step)
     return unwrapped
 
 

@@ -28,6 +28,7 @@ from illm.training import (
     BatchStream,
     Progress,
     evaluating,
+    finish_run,
     fixed_images,
     load_checkpoint,
     loaders,
@@ -305,11 +306,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
         if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
             save_checkpoint(run, step, models, optimizers, schedulers, stream, val_metrics)
             val_metrics = {}
-    progress.close()
-    run.logger.close()
-    accelerator.end_training()
-    if accelerator.is_main_process:
-        print(f"[vqvae] done at step {step}: {run.run_dir}")
+    finish_run(run, progress, "vqvae", step)
     return vqvae
 
 
