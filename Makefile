@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # installing them first stops pip from resolving (and downloading) another multi-GB torch build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo clean
+.PHONY: setup test test-fast lint demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ setup: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
+
+# The inner loop: everything but the end-to-end demo, wheel and multi-process runs (marked slow).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
 
 demo: $(VENV)/.installed
 	$(PY) -m illm.demo

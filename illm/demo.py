@@ -28,7 +28,7 @@ from illm.experiment import FinetuneConfig, PretrainConfig, VQVAEConfig
 from illm.export import export
 from illm.stages import finetune, pretrain, vqvae
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "tiny"
+CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"  # package data: works installed too
 MARKER = ".illm-demo"
 # Mostly colour photos: with too many grayscale ones the tiny model learns to drop colour.
 TRAIN_PHOTOS = ["astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "colorwheel", "grass", "gravel"]

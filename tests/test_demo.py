@@ -2,9 +2,12 @@
 
 import csv
 
+import pytest
+
 from illm import demo
 
 
+@pytest.mark.slow
 def test_quick_demo_makes_everything_it_announces(tmp_path, offline, capsys):
     output = tmp_path / "demo"
     assert demo.main(["--quick", "--output", str(output)]) == 0

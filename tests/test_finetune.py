@@ -20,7 +20,7 @@ from illm.experiment import FinetuneConfig
 from illm.stages import finetune, pretrain, vqvae
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs/tiny/finetune.toml")
+TINY = str(REPO / "illm/configs/tiny/finetune.toml")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -39,8 +39,8 @@ def workspace(tmp_path_factory, one_thread):
     synthetic_images(root / "train", 8, (64, 80), seed=0)
     synthetic_images(root / "val", 2, (192, 192), seed=1)
     common = [f"data.train={root / 'train'}", "data.val=", "train.max_steps=1", "checkpoint.every=1"]
-    pretrain.main([str(REPO / "configs/tiny/pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
-    vqvae.main([str(REPO / "configs/tiny/vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
+    pretrain.main([str(REPO / "illm/configs/tiny/pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
+    vqvae.main([str(REPO / "illm/configs/tiny/vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
     return root
 
 

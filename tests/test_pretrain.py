@@ -16,7 +16,7 @@ from illm.experiment import PretrainConfig
 from illm.stages.pretrain import train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny" / "pretrain.toml"
+TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
 PYTHON = sys.executable
 
 

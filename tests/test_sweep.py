@@ -11,7 +11,7 @@ from illm.experiment import FinetuneConfig
 from illm.sweep import experiments, parse_sweep, run_with_sweeps, split_values
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs/tiny/finetune.toml")
+TINY = str(REPO / "illm/configs/tiny/finetune.toml")
 
 
 class Recorder:

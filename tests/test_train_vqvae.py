@@ -17,7 +17,7 @@ from illm.experiment import VQVAEConfig
 from illm.stages.vqvae import cli, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny" / "vqvae.toml"
+TINY = REPO / "illm" / "configs" / "tiny" / "vqvae.toml"
 PYTHON = sys.executable
 CODEBOOK = "bottleneck_op.child.child.codebooks.0"
 # Small validation images keep most tests fast; the logging test uses the config's 192 (MS-SSIM).
