@@ -1,7 +1,5 @@
 """scripts/export.py: training runs become plain weights files in the official formats."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,7 @@ from illm.config import load_config
 from illm.data import synthetic_images
 from illm.experiment import PretrainConfig, VQVAEConfig
 from illm.export import export
+from illm.export import main as export_main
 from illm.stages import pretrain, vqvae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,9 +45,13 @@ def test_vqvae_export_loads_as_a_labeller(runs, tmp_path):
     assert 0 <= labels.min() and labels.max() < labeller.num_codes
 
 
-def test_export_errors_are_one_line(runs, tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(tmp_path / "nothing"), "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
-    result = subprocess.run([sys.executable, str(REPO / "scripts/export.py"), str(runs / "vq"), "--kind", "autoencoder", "-o", str(tmp_path / "x.pt")], capture_output=True, text=True)
-    assert result.returncode == 1 and "holds no autoencoder" in result.stderr
+def test_export_errors_are_one_line(runs, tmp_path, capsys):
+    for arguments, message in [
+        ([str(tmp_path / "nothing")], "nothing"),
+        ([str(runs / "vq"), "--kind", "autoencoder"], "holds no autoencoder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            export_main([*arguments, "-o", str(tmp_path / "x.pt")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "x.pt").exists()

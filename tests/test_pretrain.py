@@ -1,23 +1,20 @@
 """Stage 1 on the tiny config and generated images: logs, learning, resume, errors, bad files, DDP."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers.launch import DDP_TRAIN, launch_two_processes
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
 from illm.data import synthetic_images
 from illm.experiment import PretrainConfig
-from illm.stages.pretrain import train
+from illm.stages.pretrain import cli, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
-PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +84,13 @@ def test_other_experiment_in_the_same_folder_is_refused(tmp_path, folders):
     "override, message",
     [("optim.lrr=0.1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"), ("optim.lr=-1", "key 'optim.lr': must be > 0"), ("data.crop_size=100", "multiple of 64")],
 )
-def test_config_errors_are_one_line(tmp_path, override, message):
-    result = subprocess.run([PYTHON, str(REPO / "scripts" / "pretrain.py"), str(TINY), override], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0] and str(TINY) in lines[0], result.stderr
+def test_config_errors_are_one_line(override, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli([str(TINY), override])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(TINY) in lines[0], err
 
 
 def test_corrupt_image_is_skipped(tmp_path, folders):
@@ -103,14 +102,12 @@ def test_corrupt_image_is_skipped(tmp_path, folders):
     assert skipped[-1].value >= 1
 
 
+@pytest.mark.slow
 def test_two_processes_keep_identical_parameters(tmp_path, folders):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     overrides = [f"run.dir={tmp_path / 'run'}", f"data.train={folders / 'train'}", f"data.val={folders / 'val'}", "train.max_steps=3", "data.batch_size=2", "logging.val_every=3", "checkpoint.every=3"]
-    command = [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29531", str(REPO / "tests" / "helpers" / "ddp_train.py"), "pretrain", str(tmp_path), str(TINY), *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = launch_two_processes(DDP_TRAIN, "pretrain", str(tmp_path), str(TINY), *overrides)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     for name, tensor in ranks[0]["params"].items():
         assert torch.equal(tensor, ranks[1]["params"][name]), name
-    assert "processes: 2" in result.stdout
+    assert "processes: 2" in out

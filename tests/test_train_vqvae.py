@@ -1,14 +1,12 @@
 """Stage 0 on the tiny config and generated images: logs, learning, labels, re-seeding, resume, DDP."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers.launch import DDP_TRAIN, launch_two_processes
 from illm import zoo
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
@@ -18,7 +16,6 @@ from illm.stages.vqvae import cli, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "vqvae.toml"
-PYTHON = sys.executable
 CODEBOOK = "bottleneck_op.child.child.codebooks.0"
 # Small validation images keep most tests fast; the logging test uses the config's 192 (MS-SSIM).
 FAST = ["data.val_crop_size=64", "data.val=''"]
@@ -124,20 +121,14 @@ def test_bad_config_is_one_line_error(capsys):
     assert len(lines) == 1 and "codebook.dead_after" in lines[0] and "must be > 0" in lines[0] and str(TINY) in lines[0]
 
 
+@pytest.mark.slow
 def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     overrides = [
         f"run.dir={tmp_path / 'run'}", f"data.train={folders / 'train'}", *FAST, "data.batch_size=2",
         "train.max_steps=3", "logging.every=100", "checkpoint.every=2", "codebook.dead_after=1", "codebook.reseed_every=2",
     ]
-    command = [
-        PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29547",
-        str(REPO / "tests" / "helpers" / "ddp_train.py"), "vqvae", str(tmp_path), str(TINY), *overrides,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "processes: 2" in result.stdout
+    out = launch_two_processes(DDP_TRAIN, "vqvae", str(tmp_path), str(TINY), *overrides)
+    assert "processes: 2" in out
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
     for name, tensor in ranks[0]["params"].items():  # parameters, re-seeded codes and hit counters
