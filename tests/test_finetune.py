@@ -1,16 +1,13 @@
 """Stage 2 (GAN fine-tuning) on tiny models and generated images, starting from tiny stage-1 and
 stage-0 runs made once for the module."""
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers.launch import DDP_TRAIN, launch_two_processes
 from illm import zoo
 from illm.checkpoint import read_checkpoint, step_checkpoints
 from illm.config import load_config
@@ -154,25 +151,9 @@ def test_two_values_sweep_makes_two_runs(workspace, capsys):
     assert "[sweep] summary" in capsys.readouterr().out
 
 
-def launch_two_processes(script: Path, *args: str) -> str:
-    """`accelerate launch` on two CPU processes (gloo); returns stdout. Kills the group on timeout."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script), *args,
-    ]
-    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
-        try:
-            out, err = process.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            raise
-    assert process.returncode == 0, err[-3000:]
-    return out
-
-
+@pytest.mark.slow
 def test_two_processes_keep_identical_weights(workspace, tmp_path):
-    launch_two_processes(REPO / "tests/helpers/ddp_train.py", "finetune", str(tmp_path), *stage2_args(workspace, "ddp", "train.max_steps=2", "checkpoint.every=100"))
+    launch_two_processes(DDP_TRAIN, "finetune", str(tmp_path), *stage2_args(workspace, "ddp", "train.max_steps=2", "checkpoint.every=100"))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}
     params0, params1 = ranks[0]["params"], ranks[1]["params"]
@@ -181,6 +162,7 @@ def test_two_processes_keep_identical_weights(workspace, tmp_path):
     assert not torch.equal(before["decoder.blocks.4.weight"], params0["autoencoder.decoder.blocks.4.weight"])
 
 
+@pytest.mark.slow
 def test_sweep_in_two_processes_runs_every_experiment(workspace):
     # Each experiment ends its Accelerator; the next one must find the process group still up.
     out = launch_two_processes(REPO / "scripts/finetune_gan.py", *stage2_args(workspace, "ddp_sweep", "train.max_steps=1"), "--sweep", "gan.generator_weight=0.004,0.016")
