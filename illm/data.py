@@ -1,6 +1,6 @@
 """Training data: image folders -> dataset -> loader.
 
-Pipeline: ``find_images`` lists a folder once (the listing is cached next to the images),
+Pipeline: ``illm.image_index.find_images`` lists a folder once (the listing is cached),
 ``ImageFolder`` decodes files with libjpeg-turbo / libpng (``torchvision.io``; PIL as fallback),
 skips unreadable files instead of failing, and ``make_loader`` batches with ``collate_skip_bad``
 into ``Batch(images, num_skipped)``.
@@ -14,13 +14,11 @@ mid-epoch call ``loader.set_epoch(epoch)`` and then iterate
 ``accelerate.skip_first_batches(loader, batches_done)``.
 """
 
-import hashlib
 import io
 import logging
 import os
 import random
 import re
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -34,164 +32,12 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from illm.errors import ConfigError, IllmError
-from illm.files import atomic_write_bytes
+from illm.errors import ConfigError, one_line
+from illm.experiment import CROP_MODES
+from illm.image_index import find_images
+from illm.images import MAX_PIXELS
 
 logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-# Larger images are skipped: decoding a decompression bomb would kill a loader worker.
-MAX_PIXELS = 2**27  # 134 megapixels, the limit of illm.images
-
-INDEX_DIRNAME = ".illm"
-INDEX_FILENAME = "image_index.txt"
-_INDEX_FORMAT = "illm-image-index-v1"
-# Directory timestamps are coarse (a kernel tick, 1-2 s on some network/FAT file systems): a
-# directory changed within this margin of a scan could change again without its mtime moving.
-_RACY_NS = 2_000_000_000
-
-
-# ----------------------------------------------------------------------------------------------
-# Finding images, with a cached index
-# ----------------------------------------------------------------------------------------------
-
-
-def find_images(root: str | os.PathLike) -> list[str]:
-    """Sorted paths (relative to ``root``) of the JPEG/PNG/WebP files under ``root``, recursively.
-
-    Hidden files and folders (names starting with ".") are ignored. The listing is cached in
-    ``<root>/.illm/image_index.txt`` or, when ``root`` is not writable, in
-    ``$XDG_CACHE_HOME/illm/`` (default ``~/.cache/illm/``) under a hash of the absolute path.
-
-    Cache rule: a folder's mtime changes whenever an entry is added to, removed from or renamed
-    in it, so the index stores the mtime of every folder it scanned and is reused only while all
-    of them are unchanged -- a ``stat`` per folder, not a listing of 1.7M files. Files edited in
-    place do not change the listing, so they need no rescan. No index is written while a folder
-    was modified less than 2 s before the scan (timestamps are coarse: a change made during the
-    scan might not move them; this assumes the file server's clock agrees with this machine's),
-    so a folder is rescanned until it has been left alone for 2 s -- e.g. the second start
-    scans again, because the first one created ``<root>/.illm``. Writes are atomic (a rename).
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        problem = "is not a folder" if root.exists() else "does not exist"
-        raise IllmError(f"image folder {root} {problem}")
-    local_index = root / INDEX_DIRNAME / INDEX_FILENAME
-    home_index = _home_index_path(root)
-    for index_path, expected_root in ((local_index, None), (home_index, _canonical(root))):
-        images = _read_index(index_path, expected_root)
-        if images is not None:
-            return images
-
-    created_index_dir = _make_index_dir(local_index.parent)  # before the scan: it changes root's mtime
-    scan_started_ns = time.time_ns()
-    dir_mtimes, images = _scan(root)
-    if not images:
-        if created_index_dir:
-            local_index.parent.rmdir()
-        raise IllmError(f"no JPEG/PNG/WebP images found in {root}")
-    if any(mtime >= scan_started_ns - _RACY_NS for mtime in dir_mtimes.values()):
-        logger.debug("not caching the image index of %s: a folder changed during the scan", root)
-        return images
-    text = _format_index(_canonical(root), scan_started_ns, dir_mtimes, images)
-    for index_path in (local_index, home_index):
-        try:
-            _write_atomically(index_path, text)
-            break
-        except OSError as error:
-            logger.debug("cannot write image index %s: %s", index_path, error)
-    else:
-        logger.warning("cannot cache the image index of %s; it will be rescanned next time", root)
-    return images
-
-
-def _canonical(root: Path) -> str:
-    return os.path.realpath(root)
-
-
-def _home_index_path(root: Path) -> Path:
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    key = hashlib.sha256(_canonical(root).encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    return cache_home / "illm" / f"image_index-{key}.txt"
-
-
-def _make_index_dir(path: Path) -> bool:
-    """Create the in-folder index directory if possible; True when this call created it."""
-    try:
-        path.mkdir()
-        return True
-    except OSError:  # exists already, or the dataset is read-only (then the home cache is used)
-        return False
-
-
-def _scan(root: Path) -> tuple[dict[str, int], list[str]]:
-    """Walk ``root``: (mtime_ns of every folder visited, by relative path; sorted image paths)."""
-    dir_mtimes: dict[str, int] = {}
-    images: list[str] = []
-    visited: set[tuple[int, int]] = set()  # (device, inode): symlinked folders may form loops
-    pending = [""]
-    while pending:
-        rel_dir = pending.pop()
-        folder = os.path.join(root, rel_dir)
-        try:
-            # stat before listing, so that a change made during the listing shows in the mtime
-            stat = os.stat(folder)
-            if (stat.st_dev, stat.st_ino) in visited:
-                continue
-            visited.add((stat.st_dev, stat.st_ino))
-            dir_mtimes[rel_dir] = stat.st_mtime_ns
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.name.startswith(".") or "\n" in entry.name:
-                        continue
-                    rel_path = os.path.join(rel_dir, entry.name)
-                    if entry.is_dir():
-                        pending.append(rel_path)
-                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
-                        images.append(rel_path)
-        except OSError as error:
-            raise IllmError(f"cannot list image folder {folder}: {error.strerror or error}") from None
-    return dir_mtimes, sorted(images)
-
-
-def _format_index(root: str, scanned_ns: int, dir_mtimes: dict[str, int], images: list[str]) -> str:
-    lines = [_INDEX_FORMAT, f"root\t{root}", f"scanned_ns\t{scanned_ns}", f"dirs\t{len(dir_mtimes)}"]
-    lines += [f"{mtime}\t{rel_dir}" for rel_dir, mtime in sorted(dir_mtimes.items())]
-    lines += [f"images\t{len(images)}", *images, "end", ""]
-    return "\n".join(lines)
-
-
-def _read_index(path: Path, expected_root: str | None) -> list[str] | None:
-    """The images listed by a cached index, or None if it is missing, damaged or stale."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="surrogateescape").split("\n")
-        if lines[0] != _INDEX_FORMAT or lines[-2:] != ["end", ""]:
-            return None
-        indexed_root = lines[1].split("\t", 1)[1]
-        num_dirs = int(lines[3].split("\t", 1)[1])
-        dir_mtimes = [line.split("\t", 1) for line in lines[4 : 4 + num_dirs]]
-        dir_mtimes = {rel_dir: int(mtime) for mtime, rel_dir in dir_mtimes}
-        num_images = int(lines[4 + num_dirs].split("\t", 1)[1])
-        images = lines[5 + num_dirs : -2]
-    except (OSError, IndexError, ValueError):
-        return None
-    if len(images) != num_images or (expected_root is not None and indexed_root != expected_root):
-        return None
-    root = path.parent.parent if expected_root is None else Path(expected_root)
-    for rel_dir, mtime in dir_mtimes.items():
-        try:
-            if os.stat(os.path.join(root, rel_dir)).st_mtime_ns != mtime:
-                return None
-        except OSError:
-            return None
-    return images
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Readers never see a partial index (see `illm.files.atomic_open`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
-
 
 # ----------------------------------------------------------------------------------------------
 # Decoding
@@ -199,7 +45,7 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Tensor:
-    """Decode JPEG/PNG/WebP bytes into a 3xHxW uint8 tensor (uint16 for 16-bit PNG).
+    """Decode image bytes (JPEG/PNG/WebP fast, the other formats through Pillow) into a 3xHxW uint8 tensor (uint16 for 16-bit PNG).
 
     Grayscale, palette, CMYK and alpha images are converted to RGB (alpha is dropped). Raises
     ValueError (not an image, or too large) or OSError/RuntimeError (damaged image).
@@ -213,7 +59,7 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Tensor:
             with Image.open(io.BytesIO(data)) as probe:  # header only: cheap next to decoding
                 width, height = probe.size
         except Image.UnidentifiedImageError:
-            raise ValueError("not a JPEG, PNG or WebP image") from None
+            raise ValueError("not an image Pillow can read") from None
         if width * height > max_pixels:
             raise ValueError(f"{width}x{height} pixels is more than the limit of {max_pixels}")
         try:
@@ -230,8 +76,7 @@ def _decode_rgb_with_pil(data: bytes) -> Tensor:
 
 def _describe(error: Exception) -> str:
     """A one-line reason, without the C++ source location that torchvision's errors start with."""
-    message = " ".join(str(error).split()) or type(error).__name__
-    return re.sub(r"^.*?\.cpp:\d+, ", "", message)
+    return re.sub(r"^.*?\.cpp:\d+, ", "", one_line(error))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,9 +175,6 @@ def collate_skip_bad(samples: list[Tensor | None]) -> Batch:
 # ----------------------------------------------------------------------------------------------
 # Transforms (on CxHxW tensors)
 # ----------------------------------------------------------------------------------------------
-
-CROP_MODES = ("random_crop", "random_resized_crop", "either")
-
 
 class ReflectPadToSize:
     """Reflect-pad a CxHxW tensor that is smaller than ``size`` so that a ``size`` crop fits.
@@ -491,63 +333,3 @@ def make_loader(
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Synthetic images for tests and demos
-# ----------------------------------------------------------------------------------------------
-
-
-def synthetic_images(
-    folder: str | os.PathLike, count: int, size: tuple[int, int] = (256, 256), seed: int = 0
-) -> list[Path]:
-    """Write ``count`` photo-like PNGs (gradient, soft shaded shapes, mild texture and noise).
-
-    Image ``i`` depends only on ``(seed, i)``, so the files are identical across runs. Returns
-    the written paths.
-    """
-    height, width = size
-    if count < 0 or height < 1 or width < 1:
-        raise ConfigError(f"synthetic_images needs count >= 0 and a positive size, got {count} and {size}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(count):
-        pixels = _synthetic_picture(np.random.default_rng([seed, index]), height, width)
-        path = folder / f"synthetic_{index:05d}.png"
-        Image.fromarray(pixels).save(path)
-        paths.append(path)
-    return paths
-
-
-def _synthetic_picture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """An HxWx3 uint8 picture: smooth background, a few soft-edged shaded shapes, fine noise."""
-    scale = max(height, width)
-    y, x = np.mgrid[0:height, 0:width] / scale
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = np.cos(angle) * x + np.sin(angle) * y
-    ramp = (ramp - ramp.min()) / max(np.ptp(ramp), 1e-6)
-    start, end = rng.uniform(0, 1, (2, 3))
-    picture = start + ramp[..., None] * (end - start)
-    for _ in range(3):  # low-frequency texture
-        frequency = rng.uniform(2, 12, 2)
-        wave = np.sin(2 * np.pi * (frequency[0] * x + frequency[1] * y) + rng.uniform(0, 2 * np.pi))
-        picture += 0.04 * wave[..., None]
-    for _ in range(rng.integers(3, 9)):
-        picture = _paint_shape(rng, picture, x, y, scale)
-    picture += rng.normal(0, 0.01, picture.shape)
-    return np.round(np.clip(picture, 0, 1) * 255).astype(np.uint8)
-
-
-def _paint_shape(rng: np.random.Generator, picture: np.ndarray, x: np.ndarray, y: np.ndarray, scale: int):
-    """Blend a rotated ellipse or rectangle with a shading gradient and a 1-3 pixel soft edge."""
-    center = rng.uniform(0, 1, 2) * (x.max(), y.max())
-    radii = rng.uniform(0.05, 0.35, 2)
-    rotation = rng.uniform(0, np.pi)
-    u = (np.cos(rotation) * (x - center[0]) + np.sin(rotation) * (y - center[1])) / radii[0]
-    v = (-np.sin(rotation) * (x - center[0]) + np.cos(rotation) * (y - center[1])) / radii[1]
-    distance = np.hypot(u, v) if rng.random() < 0.5 else np.maximum(np.abs(u), np.abs(v))
-    edge_pixels = rng.uniform(1, 3)
-    coverage = np.clip((1 - distance) * radii.min() * scale / edge_pixels, 0, 1)[..., None]
-    color = rng.uniform(0, 1, 3) * (0.8 + 0.3 * u[..., None])  # light from one side
-    return picture * (1 - coverage) + color * coverage

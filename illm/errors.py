@@ -19,3 +19,9 @@ class WeightsMismatchError(IllmError):
 
 class MissingWeightsError(IllmError):
     """Pretrained backbone weights (LPIPS, Inception, ...) are not available offline."""
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of an error's message (torch's are often paragraphs), else its type name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

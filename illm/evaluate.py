@@ -49,7 +49,6 @@ PER_IMAGE_COLUMNS = (
     "model", "dataset", "image", "height", "width", "bytes", "bpp",
     "psnr", "ms_ssim", "lpips", "dists", "encode_seconds", "decode_seconds",
 )
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 OFFICIAL_RESULTS = Path(__file__).parent / "resources" / "official_results.csv"
 OFFICIAL_CURVES = {"MS-ILLM": "tab:red", "No-GAN": "tab:blue"}
 PLOTTED_METRICS = (("psnr", "PSNR (dB)"), ("ms_ssim", "MS-SSIM"), ("lpips", "LPIPS (AlexNet)"), ("fid", "FID/256"))
@@ -126,9 +125,9 @@ def list_images(folder: Path) -> list[Path]:
     """The image files directly inside ``folder``, sorted by name."""
     if not folder.is_dir():
         raise IllmError(f"{folder}: no such folder")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in images.IMAGE_EXTENSIONS)
     if not paths:
-        raise IllmError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise IllmError(f"{folder}: no images ({', '.join(images.IMAGE_EXTENSIONS)}) in this folder")
     return paths
 
 

@@ -16,10 +16,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from illm.errors import IllmError
+from illm.errors import IllmError, one_line
 from illm.files import atomic_write_bytes
 
 MAX_PIXELS = 2**27  # 134 megapixels (e.g. 16384 x 8192): far beyond what the networks can process
+# The files that image folders (training data, evaluation sets, CLI folders) are made of.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
@@ -49,9 +51,9 @@ def read_image(path: str | Path) -> Tensor:
     except UnidentifiedImageError:
         raise IllmError(f"{path}: not an image file (or a format Pillow cannot read)") from None
     except Image.DecompressionBombError as error:
-        raise IllmError(f"{path}: refusing to decode a decompression bomb ({_one_line(error)})") from None
+        raise IllmError(f"{path}: refusing to decode a decompression bomb ({one_line(error)})") from None
     except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt pixel data
-        raise IllmError(f"{path}: cannot read image ({_one_line(error)})") from None
+        raise IllmError(f"{path}: cannot read image ({one_line(error)})") from None
     if has_alpha:
         warnings.warn(f"{path}: alpha channel dropped (the codec stores RGB only)", stacklevel=2)
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -121,8 +123,3 @@ def save_image(path: str | Path, image: Tensor) -> None:
     buffer = BytesIO()
     Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(buffer, format=image_format)
     atomic_write_bytes(path, buffer.getvalue())
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text or type(error).__name__

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,13 +21,15 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from illm.config import load_config
-from illm.data import synthetic_images
 from illm.experiment import FinetuneConfig
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.stages.finetune import train
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs/finetune_0.14bpp.toml"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs/finetune_0.14bpp.toml"
+sys.path.insert(0, str(REPO / "tests"))  # the photo-like images of the test suite
+from helpers.synthetic import synthetic_images  # noqa: E402
 
 
 def step_seconds(run_dir: Path) -> list[float]:

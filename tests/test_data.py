@@ -8,19 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.synthetic import synthetic_images
 from illm.data import (
     Batch,
     EpochSampler,
     ImageFolder,
     ReflectPadToSize,
     SampleIndex,
-    find_images,
     make_loader,
-    synthetic_images,
     train_transform,
     val_transform,
 )
 from illm.errors import ConfigError, IllmError
+from illm.image_index import find_images
 
 
 def touch(path: Path, data: bytes = b"") -> Path:
@@ -88,8 +88,13 @@ def test_find_images_reuses_its_index_until_a_folder_changes(tmp_path, home_cach
 def test_find_images_does_not_cache_folders_changed_just_before_the_scan(tmp_path, home_cache, monkeypatch):
     root = tmp_path / "images"
     touch(root / "a.jpg")
-    find_images(root)
-    find_images(root)  # the folder changed within the timestamp margin: no index was written
+    (root / ".illm").mkdir()
+    # A folder stamped after the scan started counts as changed within the timestamp margin,
+    # whatever the clock reads when the scan runs.
+    future_ns = time.time_ns() + 3600 * 10**9
+    os.utime(root, ns=(future_ns, future_ns))
+    assert find_images(root) == ["a.jpg"]
+    assert not (root / ".illm" / "image_index.txt").exists() and not home_cache.exists()
 
     def denied(path):
         raise PermissionError(13, "Permission denied")

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers.synthetic import synthetic_images
 from illm import codec, zoo
 from illm.config import load_config
-from illm.data import synthetic_images
 from illm.experiment import PretrainConfig, VQVAEConfig
 from illm.export import export
 from illm.export import main as export_main

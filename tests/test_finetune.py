@@ -8,10 +8,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.synthetic import synthetic_images
 from illm import zoo
 from illm.checkpoint import read_checkpoint, step_checkpoints
 from illm.config import load_config
-from illm.data import synthetic_images
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.stages import finetune, pretrain, vqvae

@@ -7,10 +7,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.synthetic import synthetic_images
 from illm import zoo
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
-from illm.data import synthetic_images
 from illm.experiment import VQVAEConfig
 from illm.stages.vqvae import cli, train
 
