@@ -17,10 +17,10 @@ from illm.config import (
     non_negative,
     positive,
 )
+from illm.optimizer import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CROP_MODES = ("random_crop", "random_resized_crop", "either")
-LR_SCHEDULES = ("ramp_cosine", "constant")
 LPIPS_NETS = ("alex", "vgg")
 BACKBONE_WEIGHTS = ("pretrained", "random")
 
@@ -42,7 +42,14 @@ class DataSection:
     val: str = doc_field("", "Folder of validation images; empty disables validation.")
     crop_size: int = doc_field(256, "Training crop size in pixels (a multiple of 64).", multiple_of(64))
     crop_mode: str = doc_field("either", "Training crop: reflect-padded random crop, random resized crop, or `either` (a 50/50 choice per image, as the official training).", choices=CROP_MODES)
-    batch_size: int = doc_field(8, "Training images per process and step.", positive)
+    batch_size: int = doc_field(8, "Training images per process and micro-batch (a forward/backward pass).", positive)
+    global_batch_size: int = doc_field(
+        0,
+        "Training images per optimizer step, over all processes; 0 = `batch_size` x processes. "
+        "It must be a multiple of `batch_size` x processes: the quotient is the number of "
+        "micro-batches accumulated per step, so any number of processes trains the same recipe.",
+        non_negative,
+    )
     num_workers: int = doc_field(4, "Data loader worker processes per training process.", non_negative)
     val_crop_size: int = doc_field(256, "Validation images are resized and centre-cropped to this size.", multiple_of(64))
     val_batch_size: int = doc_field(4, "Validation images per process and batch.", positive)
@@ -84,7 +91,6 @@ class AutoencoderSection:
 @dataclass
 class TrainSection:
     max_steps: int = doc_field(1_000_000, "Training iterations (one optimizer step of the model each).", positive)
-    grad_accum_steps: int = doc_field(1, "Micro-batches accumulated per optimizer step.", positive)
     grad_clip: float = doc_field(1.0, "Clip the gradient norm of the trained model to this (0 = off).", non_negative)
     mixed_precision: str = doc_field("no", "Autocast precision of the networks; entropy models and the rate loss stay float32.", choices=MIXED_PRECISION)
 
@@ -94,10 +100,24 @@ class OptimSection:
     lr: float = doc_field(3e-4, "AdamW learning rate of the autoencoder.", positive)
     weight_decay: float = doc_field(5e-5, "AdamW weight decay of the autoencoder.", non_negative)
     betas: list[float] = doc_field([0.9, 0.999], "AdamW betas of the autoencoder.")
-    schedule: str = doc_field("ramp_cosine", "Learning-rate schedule: linear warm-up then cosine decay to 0, or constant.", choices=LR_SCHEDULES)
-    warmup_steps: int = doc_field(10_000, "Linear warm-up iterations of `ramp_cosine`.", non_negative)
-    decay_steps: int = doc_field(1_000_000, "Iteration at which `ramp_cosine` reaches 0.", positive)
+    schedule: str = doc_field(
+        "ramp_quarter_cosine",
+        "Learning-rate schedule: `ramp_quarter_cosine` (official: linear ramp, then a quarter cosine "
+        "over `decay_steps`), `ramp_half_cosine` (linear warm-up, then a half cosine to 0 at "
+        "`decay_steps`) or `constant`.",
+        choices=tuple(LR_SCHEDULES),
+    )
+    warmup_steps: int = doc_field(10_000, "Linear warm-up (ramp) iterations of the schedule.", non_negative)
+    decay_steps: int = doc_field(
+        1_000_000,
+        "Cosine length: `ramp_quarter_cosine` spans a quarter period over this many iterations after "
+        "the ramp; `ramp_half_cosine` reaches 0 at this iteration.",
+        positive,
+    )
     aux_lr: float = doc_field(1e-3, "AdamW learning rate of the entropy-bottleneck quantiles (constant).", positive)
+    aux_weight_decay: float = doc_field(
+        0.01, "AdamW weight decay of the quantiles (official: torch's default, 0.01).", non_negative
+    )
 
 
 @dataclass
@@ -137,8 +157,7 @@ class PretrainConfig:
         _check_betas("optim.betas", self.optim.betas)
         if len(self.model.encoder_channels) != 5:
             raise ConfigError(f"key 'model.encoder_channels': must have 5 entries, got {self.model.encoder_channels}")
-        if self.optim.schedule == "ramp_cosine" and self.optim.warmup_steps >= self.optim.decay_steps:
-            raise ConfigError("key 'optim.warmup_steps': must be smaller than 'optim.decay_steps'")
+        _check_schedule(self.optim)
 
 
 # --- stage 0: the VQ-VAE labeller ------------------------------------------------------------------
@@ -176,9 +195,13 @@ class VQVAEOptimSection:
     lr: float = doc_field(2e-4, "AdamW learning rate.", positive)
     weight_decay: float = doc_field(0.0, "AdamW weight decay.", non_negative)
     betas: list[float] = doc_field([0.9, 0.99], "AdamW betas.")
-    schedule: str = doc_field("ramp_cosine", "Learning-rate schedule.", choices=LR_SCHEDULES)
-    warmup_steps: int = doc_field(5000, "Linear warm-up iterations of `ramp_cosine`.", non_negative)
-    decay_steps: int = doc_field(300_000, "Iteration at which `ramp_cosine` reaches 0.", positive)
+    schedule: str = doc_field(
+        "ramp_half_cosine",
+        "Learning-rate schedule (see `optim.schedule` of stage 1).",
+        choices=tuple(LR_SCHEDULES),
+    )
+    warmup_steps: int = doc_field(5000, "Linear warm-up iterations of the schedule.", non_negative)
+    decay_steps: int = doc_field(300_000, "Cosine length (iteration at which `ramp_half_cosine` reaches 0).", positive)
 
 
 @dataclass
@@ -198,6 +221,7 @@ class VQVAEConfig:
 
     def validate(self):
         _check_betas("optim.betas", self.optim.betas)
+        _check_schedule(self.optim)
         levels = len(self.model.ch_mult)
         if any(not 0 <= a < levels for a in self.model.attention_levels):
             raise ConfigError(f"key 'model.attention_levels': entries must be in [0, {levels}), got {self.model.attention_levels}")
@@ -237,6 +261,7 @@ class GANOptimSection:
     disc_betas: list[float] = doc_field([0.5, 0.9], "AdamW betas of the discriminator.")
     disc_weight_decay: float = doc_field(0.0, "AdamW weight decay of the discriminator.", non_negative)
     aux_lr: float = doc_field(1e-3, "AdamW learning rate of the quantiles (only with freeze.bottleneck = false).", positive)
+    aux_weight_decay: float = doc_field(0.01, "AdamW weight decay of the quantiles (official: 0.01).", non_negative)
 
 
 @dataclass
@@ -277,6 +302,11 @@ class FinetuneConfig:
             raise ConfigError(f"key 'discriminator.channels': needs at least 4 widths (logits at 1/8 of the image), got {self.discriminator.channels}")
         if self.data.crop_size % 2**widths:
             raise ConfigError(f"key 'data.crop_size': must be a multiple of {2**widths} for {widths} discriminator levels, got {self.data.crop_size}")
+
+
+def _check_schedule(optim) -> None:
+    if optim.schedule == "ramp_half_cosine" and optim.warmup_steps >= optim.decay_steps:
+        raise ConfigError("key 'optim.warmup_steps': must be smaller than 'optim.decay_steps'")
 
 
 def _check_betas(key: str, betas) -> None:

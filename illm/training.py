@@ -19,13 +19,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from torch import nn
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from illm import config as config_io
+from illm import metrics
 from illm.checkpoint import CheckpointManager, prepare_run_dir, read_checkpoint, rng_state, set_rng_state
 from illm.data import ImageFolder, make_loader, train_transform, val_transform
-from illm.errors import IllmError
+from illm.errors import ConfigError, IllmError
 from illm.files import atomic_write_bytes
 from illm.logger import TensorBoardLogger
 
@@ -168,6 +169,30 @@ class BatchStream:
             self.batches_done = 0
 
 
+def accumulation_steps(data, num_processes: int) -> int:
+    """Micro-batches per optimizer step that make `data.global_batch_size` on `num_processes`."""
+    per_pass = data.batch_size * num_processes
+    if data.global_batch_size == 0:
+        return 1
+    if data.global_batch_size % per_pass:
+        per_process = data.global_batch_size / num_processes
+        hint = (
+            f"choose a data.batch_size that divides {int(per_process)}"
+            if per_process.is_integer()
+            else f"it is not divisible by {num_processes} processes"
+        )
+        raise ConfigError(
+            f"key 'data.global_batch_size': {data.global_batch_size} images per step cannot be made of "
+            f"micro-batches of data.batch_size={data.batch_size} on {num_processes} processes; {hint}"
+        )
+    return data.global_batch_size // per_pass
+
+
+def micro_batches(batches, count: int) -> list[Tensor]:
+    """The next `count` batches of the stream: the micro-batches of one optimizer step."""
+    return [next(batches) for _ in range(count)]
+
+
 def loaders(run: Run, train_set, val_set):
     """Prepared (per-process sharded) train and validation loaders."""
     data = run.config.data
@@ -208,9 +233,10 @@ def sync_context(accelerator: Accelerator, model: nn.Module, last_micro_batch: b
     return nullcontext() if last_micro_batch else accelerator.no_sync(model)
 
 
-def gradient_norm(params) -> float:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else 0.0
+def clip_gradients(accelerator: Accelerator, params, max_norm: float) -> Tensor:
+    """Clip the total gradient norm of `params` to `max_norm` (0 = no clipping) and return the norm
+    before clipping, measured after any fp16 loss scale has been removed."""
+    return accelerator.clip_grad_norm_(list(params), max_norm or math.inf)
 
 
 @contextmanager
@@ -317,6 +343,67 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@dataclass
+class IterationResult:
+    """What a stage's iteration function returns to the loop (and to the golden tests)."""
+
+    logs: dict  # the iteration's scalars (tensors or floats), named as the official step logs them
+    out: object  # the model forward of the last micro-batch
+    images: Tensor  # the images that forward reconstructed
+    extras: dict = field(default_factory=dict)  # stage-specific tensors (labels, logits)
+
+    def quality(self) -> dict:
+        """PSNR, MSE and MS-SSIM of the reconstruction, as the official step logs them (computed
+        on demand: MS-SSIM is not free)."""
+        quality = metrics.training_quality(self.out.images.detach(), self.images)
+        return {f"train/{name}": value for name, value in quality.items()}
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    return step % every == 0 or step == max_steps
+
+
+@dataclass
+class Housekeeping:
+    """What every loop does between iterations, on one cadence: resume, logs, progress,
+    validation and checkpoints. The loops keep only their data and their iteration function."""
+
+    run: Run
+    stream: BatchStream
+    models: dict
+    optimizers: dict
+    schedulers: dict
+    images_per_step: int
+    progress: Progress | None = None
+    val_metrics: dict = field(default_factory=dict)
+
+    def start(self) -> int:
+        """Restore the checkpoint being resumed, if any; returns the step to continue after."""
+        run = self.run
+        step = load_checkpoint(run, self.models, self.optimizers, self.schedulers, self.stream) if run.resume_from else 0
+        self.progress = Progress(run.accelerator, step, run.config.train.max_steps, self.images_per_step)
+        return step
+
+    def after_iteration(self, step: int, logs, validate=None, **shown) -> None:
+        """`logs()` gives the iteration's scalars (built only when due); `validate()` runs
+        validation and returns its metrics (kept for the checkpoint's best-model choice)."""
+        cfg, run = self.run.config, self.run
+        max_steps = cfg.train.max_steps
+        if is_due(step, cfg.logging.every, max_steps):
+            common = {
+                "perf/memory_gb": memory_gb(run.accelerator.device),
+                "data/skipped_images": self.stream.skipped_images,
+                **self.progress.rates(step),
+            }
+            run.logger.scalars({**logs(), **common}, step)
+        self.progress.update(step, **{k: float(v) for k, v in shown.items()})
+        if validate is not None and is_due(step, cfg.logging.val_every, max_steps):
+            self.val_metrics = validate()
+        if is_due(step, cfg.checkpoint.every, max_steps):
+            save_checkpoint(run, step, self.models, self.optimizers, self.schedulers, self.stream, self.val_metrics)
+            self.val_metrics = {}
 
 
 def finish_run(run: Run, progress: Progress, stage: str, step: int) -> None:

@@ -21,40 +21,42 @@ requires_grad off before `accelerator.prepare`, so DDP never expects their gradi
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm import zoo
 from illm.config import load_config
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
-from illm.losses import discriminator_loss, generator_loss, rate_loss
+from illm.losses import Distortion, build_distortion, build_lpips, discriminator_loss, generator_loss, rate_loss, rate_schedule
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw
-from illm.stages.pretrain import build_distortion, build_lpips, rate_schedule, validate
 from illm.sweep import run_with_sweeps
 from illm.training import (
     BatchStream,
-    Progress,
+    Housekeeping,
+    IterationResult,
+    accumulation_steps,
     average_gradients,
+    clip_gradients,
     finish_run,
     fixed_images,
-    gradient_norm,
     ignore_in_ddp,
-    load_checkpoint,
     loaders,
-    memory_gb,
+    micro_batches,
     parse_args,
     run_main,
-    save_checkpoint,
     start_run,
     sync_context,
     train_dataset,
     val_dataset,
 )
+from illm.validation import validate_autoencoder
 
 USAGE = (
     "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n"
@@ -75,7 +77,11 @@ def load_network(source: str, kind: str, key: str, device="cpu") -> nn.Module:
 
 def load_autoencoder(source: str, key: str, freeze_cfg, device) -> HiFiCAutoencoder:
     """The stage-1 autoencoder (architecture from its weights), frozen where `freeze` says."""
-    model = load_network(source, "autoencoder", key, device)
+    return freeze_autoencoder(load_network(source, "autoencoder", key, device), freeze_cfg)
+
+
+def freeze_autoencoder(model: HiFiCAutoencoder, freeze_cfg) -> HiFiCAutoencoder:
+    """Train mode, with the parts `freeze` names frozen (eval mode, no gradients)."""
     model.train()
     if freeze_cfg.encoder:
         model.freeze_encoder()
@@ -86,9 +92,11 @@ def load_autoencoder(source: str, key: str, freeze_cfg, device) -> HiFiCAutoenco
 
 def load_labeller(source: str) -> VQVAE:
     """The VQ-VAE whose codes are the real classes: frozen, in eval mode, never prepared."""
-    labeller = load_network(source, "vqvae", "init.labeller")
-    labeller.eval().requires_grad_(False)
-    return labeller
+    return freeze_labeller(load_network(source, "vqvae", "init.labeller"))
+
+
+def freeze_labeller(labeller: VQVAE) -> VQVAE:
+    return labeller.eval().requires_grad_(False)
 
 
 def latent_channels(model: HiFiCAutoencoder) -> int:
@@ -155,6 +163,113 @@ def accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return (logits.argmax(1) == targets).float().mean()
 
 
+# --- one iteration -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneParts:
+    """What one stage-2 iteration works on. `model` and `discriminator` may be wrapped by
+    `accelerator.prepare`; `aux_optimizer` is None while the bottleneck is frozen (as released)."""
+
+    cfg: FinetuneConfig
+    accelerator: Accelerator
+    model: nn.Module
+    discriminator: nn.Module
+    optimizer: object
+    disc_optimizer: object
+    aux_optimizer: object | None
+    distortion: Distortion
+    targets: PatchTargets
+
+
+def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -> IterationResult:
+    """One training iteration (the official `GANCompressionModule.training_step`) on the
+    micro-batches `batches`, each split into images to compress and real images as the official
+    step splits its per-process batch; `step` iterations have been done before it.
+
+    Both updates come after all micro-batches: the discriminator step only sees detached
+    reconstructions, and the encoder that makes the real images' context is frozen, so this
+    equals the released generator-then-discriminator order.
+    """
+    cfg, accelerator = parts.cfg, parts.accelerator
+    model, discriminator = parts.model, parts.discriminator
+    unwrapped, unwrapped_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(discriminator)
+    target, lam_above = rate_schedule(cfg.rate, step)
+    lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
+    accumulation = len(batches)
+    for index, images in enumerate(batches):
+        last = index == accumulation - 1
+        model_images, real_images = split_batch(images, cfg.gan.mc_sampling)
+        split = real_images is not model_images
+        with accelerator.autocast():
+            generator_targets = parts.targets(model_images)
+            real_targets = parts.targets(real_images) if split else generator_targets
+
+        # --- generator: the discriminator only passes gradients through ---
+        with sync_context(accelerator, model, last), accelerator.autocast():
+            out = model(model_images)
+            distortion, terms = parts.distortion(out.images, model_images)
+            num_pixels = model_images.shape[-2] * model_images.shape[-1]
+            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above)
+            with frozen_parameters(unwrapped_disc):
+                generator_logits = unwrapped_disc(out.images, out.latent.detach())
+            adversarial = generator_loss(generator_logits, generator_targets)
+            loss = cfg.distortion.lam * distortion + rate.loss + cfg.gan.generator_weight * adversarial
+        accelerator.backward(loss / accumulation)
+
+        # --- discriminator: fakes are class 0, real patches their label ---
+        real_context = out.latent
+        if split:
+            with torch.no_grad(), accelerator.autocast():
+                real_context = unwrapped(real_images).latent
+        with sync_context(accelerator, discriminator, last), accelerator.autocast():
+            fake_logits = discriminator(out.images.detach(), out.latent.detach())
+            real_logits = discriminator(real_images, real_context.detach())
+            disc_loss = discriminator_loss(real_logits, fake_logits, real_targets)
+        accelerator.backward(disc_loss / accumulation)
+
+    generator_params = [p for p in unwrapped.main_parameters() if p.requires_grad]
+    grad_norm = clip_gradients(accelerator, generator_params, cfg.train.grad_clip)
+    disc_grad_norm = clip_gradients(accelerator, unwrapped_disc.parameters(), cfg.train.grad_clip)
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.disc_optimizer.step()
+    parts.disc_optimizer.zero_grad(set_to_none=True)
+    aux_loss = torch.zeros(())
+    if parts.aux_optimizer is not None:
+        aux_loss = unwrapped.aux_loss()
+        aux_loss.backward()
+        average_gradients(accelerator, unwrapped.aux_parameters())
+        parts.aux_optimizer.step()
+        parts.aux_optimizer.zero_grad(set_to_none=True)
+
+    logs = {
+        "train/total_model_loss": loss,
+        "train/distortion_loss": distortion,
+        "train/rate_loss": rate.loss,
+        "train/generator_loss": adversarial,
+        "train/discriminator_loss": disc_loss,
+        **{f"train/distortion_{name}": value for name, value in terms.items()},
+        **rate.logs(target, lam_above),
+        "train/quantile_loss": aux_loss,
+        "disc/real_accuracy": accuracy(real_logits, real_targets),
+        "disc/fake_accuracy": accuracy(fake_logits, torch.zeros_like(generator_targets)),
+        "optim/lr": lr,
+        "optim/disc_lr": parts.disc_optimizer.param_groups[0]["lr"],
+        "optim/grad_norm": grad_norm,
+        "optim/disc_grad_norm": disc_grad_norm,
+    }
+    extras = {
+        "rate": rate,
+        "generator_targets": generator_targets,
+        "real_targets": real_targets,
+        "generator_logits": generator_logits,
+        "fake_logits": fake_logits,
+        "real_logits": real_logits,
+    }
+    return IterationResult(logs, out, model_images, extras)
+
+
 # --- the loop -------------------------------------------------------------------------------------------
 
 
@@ -172,6 +287,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     run = start_run(cfg, "finetune")
     accelerator = run.accelerator
     device = accelerator.device
+    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
     # A resumed run rebuilds the autoencoder from its own checkpoint, whatever became of init.autoencoder.
     if run.resume_from:
@@ -187,107 +303,50 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     aux_optimizer = None
     if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
         ignore_in_ddp(model, model.aux_parameters())
-        aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr)
-    distortion = build_distortion(cfg, lpips).to(device)
+        aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
+    distortion = build_distortion(cfg.distortion, lpips).to(device)
     lpips = lpips.to(device) if lpips is not None else None
     train_loader, val_loader = loaders(run, train_set, val_set)
     # The quantile optimizer stays unprepared, as in stage 1.
     model, discriminator, optimizer, disc_optimizer = accelerator.prepare(model, discriminator, optimizer, disc_optimizer)
-    unwrapped, unwrapped_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(discriminator)
-    generator_params = [p for p in unwrapped.main_parameters() if p.requires_grad]
+    parts = FinetuneParts(cfg, accelerator, model, discriminator, optimizer, disc_optimizer, aux_optimizer, distortion, targets)
     stream = BatchStream(train_loader, accelerator)
-    fixed = {"train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size), "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size)}
+    fixed = {
+        "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
+        "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size),
+    }
 
-    models = {"autoencoder": model, "discriminator": discriminator}
     optimizers = {"generator": optimizer, "discriminator": disc_optimizer}
     if aux_optimizer is not None:
         optimizers["aux"] = aux_optimizer
-    step = load_checkpoint(run, models, optimizers, {}, stream) if run.resume_from else 0
-    images_per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
-    progress = Progress(accelerator, step, cfg.train.max_steps, images_per_step)
+    housekeeping = Housekeeping(
+        run, stream,
+        models={"autoencoder": model, "discriminator": discriminator},
+        optimizers=optimizers,
+        schedulers={},
+        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
+    )  # fmt: skip
+    step = housekeeping.start()
+
+    def validate():
+        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
+
     batches = iter(stream)
     model.train()
     discriminator.train()
-    accum = cfg.train.grad_accum_steps
-    val_metrics: dict[str, float] = {}
     while step < cfg.train.max_steps:
-        target, lam_above = rate_schedule(cfg.rate, step)
-        # Both updates come after all micro-batches: the discriminator step only sees detached
-        # reconstructions, so this equals the released generator-then-discriminator order.
-        for micro in range(accum):
-            last = micro == accum - 1
-            images = next(batches)
-            model_images, real_images = split_batch(images, cfg.gan.mc_sampling)
-            split = real_images is not model_images
-            with accelerator.autocast():
-                generator_targets = targets(model_images)
-                real_targets = targets(real_images) if split else generator_targets
-
-            # --- generator step: the discriminator only passes gradients through ---
-            with sync_context(accelerator, model, last), accelerator.autocast():
-                out = model(model_images)
-                dist, terms = distortion(out.images, model_images)
-                rate = rate_loss(out.likelihoods, out.rounded_likelihoods, model_images.shape[-2] * model_images.shape[-1], target, cfg.rate.lam_below, lam_above)
-                with frozen_parameters(unwrapped_disc):
-                    adversarial = generator_loss(unwrapped_disc(out.images, out.latent.detach()), generator_targets)
-                loss = cfg.distortion.lam * dist + rate.loss + cfg.gan.generator_weight * adversarial
-                accelerator.backward(loss / accum)
-
-            # --- discriminator step: fakes are class 0, real patches their label ---
-            real_context = out.latent
-            if split:
-                with torch.no_grad(), accelerator.autocast():
-                    real_context = unwrapped(real_images).latent
-            with sync_context(accelerator, discriminator, last), accelerator.autocast():
-                fake_logits = discriminator(out.images.detach(), out.latent.detach())
-                real_logits = discriminator(real_images, real_context.detach())
-                disc_loss = discriminator_loss(real_logits, fake_logits, real_targets)
-                accelerator.backward(disc_loss / accum)
-
-        grad_norm = gradient_norm(generator_params)
-        disc_grad_norm = gradient_norm(unwrapped_disc.parameters())
-        if cfg.train.grad_clip > 0:
-            accelerator.clip_grad_norm_(generator_params, cfg.train.grad_clip)
-            accelerator.clip_grad_norm_(list(unwrapped_disc.parameters()), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        disc_optimizer.step()
-        disc_optimizer.zero_grad(set_to_none=True)
-        aux_loss = None
-        if aux_optimizer is not None:
-            aux_loss = unwrapped.aux_loss()
-            aux_loss.backward()
-            average_gradients(accelerator, unwrapped.aux_parameters())
-            aux_optimizer.step()
-            aux_optimizer.zero_grad(set_to_none=True)
+        result = finetune_iteration(parts, micro_batches(batches, accumulation), step)
         step += 1
-
-        # --- logs, validation, checkpoints ---
-        if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
-            logs = {
-                "train/loss": loss, "train/generator_loss": adversarial, "train/discriminator_loss": disc_loss,
-                "train/distortion_loss": dist, "train/rate_loss": rate.loss, **{f"train/{k}": v for k, v in terms.items()},
-                "disc/real_accuracy": accuracy(real_logits, real_targets), "disc/fake_accuracy": accuracy(fake_logits, torch.zeros_like(generator_targets)),
-                "train/bpp": rate.bpp, "train/latent_bpp": rate.latent_bpp, "train/hyper_bpp": rate.hyper_bpp,
-                "train/rounded_bpp": rate.rounded_bpp, "train/rounded_latent_bpp": rate.rounded_latent_bpp, "train/rounded_hyper_bpp": rate.rounded_hyper_bpp,
-                "rate/target_bpp": target, "rate/lam_above": lam_above,
-                "optim/lr": optimizer.param_groups[0]["lr"], "optim/disc_lr": disc_optimizer.param_groups[0]["lr"],
-                "optim/grad_norm": grad_norm, "optim/disc_grad_norm": disc_grad_norm,
-                "perf/memory_gb": memory_gb(device), "data/skipped_images": stream.skipped_images,
-                **progress.rates(step),
-            }
-            if aux_loss is not None:
-                logs["train/aux_loss"] = aux_loss
-            run.logger.scalars(logs, step)
-        progress.update(step, g=adversarial.item(), d=disc_loss.item(), bpp=rate.rounded_bpp.mean().item())
-        if val_loader is not None and (step % cfg.logging.val_every == 0 or step == cfg.train.max_steps):
-            val_metrics = validate(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
-            model.train()
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-            save_checkpoint(run, step, models, optimizers, {}, stream, val_metrics)
-            val_metrics = {}
-    finish_run(run, progress, "finetune", step)
-    return nn.ModuleDict({"autoencoder": unwrapped, "discriminator": unwrapped_disc})
+        housekeeping.after_iteration(
+            step,
+            logs=lambda: {**result.logs, **result.quality()},
+            validate=validate if val_loader is not None else None,
+            g=result.logs["train/generator_loss"],
+            d=result.logs["train/discriminator_loss"],
+            bpp=result.logs["train/quantized_total_bpp"],
+        )
+    finish_run(run, housekeeping.progress, "finetune", step)
+    return nn.ModuleDict({"autoencoder": accelerator.unwrap_model(model), "discriminator": accelerator.unwrap_model(discriminator)})
 
 
 def cli(argv=None) -> None:

@@ -2,41 +2,43 @@
 
     accelerate launch scripts/pretrain.py configs/0.14bpp.toml data.train=DIR data.val=DIR
 
-Per iteration: forward, distortion, rate (HiFiC rate targeting), backward, clip, model
-optimizer and LR-schedule step; then the auxiliary quantile loss and its optimizer.
+One iteration (`pretrain_iteration`, the official `TargetRateCompressionModule.training_step`):
+forward, distortion, rate (HiFiC rate targeting), backward, clip, model optimizer and LR-schedule
+step; then the auxiliary quantile loss and its optimizer.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
-from illm import metrics
+from accelerate import Accelerator
+from torch import Tensor, nn
+
 from illm.config import load_config
-from illm.errors import MissingWeightsError
 from illm.experiment import PretrainConfig
-from illm.losses import Distortion, rate_loss, scheduled
+from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, lr_schedule
 from illm.training import (
     BatchStream,
-    Progress,
+    Housekeeping,
+    IterationResult,
+    accumulation_steps,
     average_gradients,
-    evaluating,
+    clip_gradients,
     finish_run,
     fixed_images,
-    gradient_norm,
     ignore_in_ddp,
-    load_checkpoint,
     loaders,
-    memory_gb,
+    micro_batches,
     parse_args,
     run_main,
-    save_checkpoint,
     start_run,
     sync_context,
     train_dataset,
     val_dataset,
 )
+from illm.validation import validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
 
@@ -50,68 +52,58 @@ def build_autoencoder(model_cfg) -> HiFiCAutoencoder:
     )
 
 
-def build_lpips(lpips_cfg, needed: bool):
-    """The LPIPS network, or None; stops at start when pretrained weights are unavailable."""
-    if not needed:
-        return None
-    try:
-        return metrics.lpips_network(lpips_cfg.net, random_backbone=lpips_cfg.backbone_weights == "random")
-    except MissingWeightsError as error:
-        raise MissingWeightsError(f"{error} (or set lpips.backbone_weights=\"random\" for a run whose LPIPS is not comparable)") from None
+@dataclass
+class PretrainParts:
+    """What one stage-1 iteration works on. `model` may be wrapped by `accelerator.prepare`."""
+
+    cfg: PretrainConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: object
+    scheduler: object
+    aux_optimizer: object
+    distortion: Distortion
 
 
-def build_distortion(cfg, lpips) -> Distortion:
-    return Distortion(cfg.distortion.kind, cfg.distortion.mse_weight, cfg.distortion.lpips_weight, lpips)
-
-
-def rate_schedule(rate_cfg, step: int) -> tuple[float, float]:
-    """The target bpp and λ_b in force at `step` (the early phase is looser on both)."""
-    target = scheduled(rate_cfg.target_bpp, rate_cfg.warmup_target_factor, rate_cfg.warmup_steps, step)
-    lam_above = scheduled(rate_cfg.lam_above, rate_cfg.warmup_lam_factor, rate_cfg.warmup_steps, step)
-    return target, lam_above
-
-
-def validate(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, step: int, fixed: dict) -> dict[str, float]:
-    """Eval-mode (rounded) metrics over the validation set, averaged over all processes."""
-    accelerator = run.accelerator
+def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -> IterationResult:
+    """One training iteration on the micro-batches `batches` (gradients accumulated over them),
+    `step` iterations having been done before it."""
+    cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
     unwrapped = accelerator.unwrap_model(model)
-    target, lam_above = rate_schedule(rate_cfg, step)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    with evaluating(unwrapped):
-        for batch in val_loader:
-            images = batch.images
-            if images.shape[0] == 0:
-                continue
-            with accelerator.autocast():
-                out = unwrapped(images)
-            recon = out.images.float().clamp(0, 1)
-            dist, terms = distortion(recon, images)
-            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, images.shape[-2] * images.shape[-1], target, rate_cfg.lam_below, lam_above)
-            per_image = {
-                "val/psnr": metrics.psnr(recon, images),
-                "val/bpp": rate.rounded_bpp,
-                "val/latent_bpp": rate.rounded_latent_bpp,
-                "val/hyper_bpp": rate.rounded_hyper_bpp,
-            }
-            if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
-                per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
-            if lpips is not None:
-                per_image["val/lpips"] = lpips(recon, images).flatten()
-            batch_terms = {"val/distortion_loss": dist, "val/rate_loss": rate.loss, **{f"val/{k}": v for k, v in terms.items()}}
-            per_image.update({name: value.detach().expand(images.shape[0]) for name, value in batch_terms.items()})
-            for name, values in per_image.items():
-                # gather_for_metrics drops the samples Accelerate repeats to even out the shards
-                values = accelerator.gather_for_metrics(values.detach().float().contiguous())
-                sums[name] = sums.get(name, 0) + values.sum()
-                counts[name] = counts.get(name, 0) + values.numel()
-        results = {name: (sums[name] / counts[name]).item() for name in sums}
-        for split, images in fixed.items():
-            if images is not None:
-                recon = unwrapped(images.to(accelerator.device)).images
-                run.logger.image_pairs(f"{split}/input_vs_reconstruction", images, recon, step)
-    run.logger.scalars(results, step)
-    return results
+    target, lam_above = rate_schedule(cfg.rate, step)
+    lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
+    # --- autoencoder update ---
+    for index, images in enumerate(batches):
+        with sync_context(accelerator, model, index == len(batches) - 1), accelerator.autocast():
+            out = model(images)
+            distortion, terms = parts.distortion(out.images, images)
+            num_pixels = images.shape[-2] * images.shape[-1]
+            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above)
+            loss = cfg.distortion.lam * distortion + rate.loss
+        accelerator.backward(loss / len(batches))
+    grad_norm = clip_gradients(accelerator, unwrapped.main_parameters(), cfg.train.grad_clip)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    # --- quantile (auxiliary) update: never part of the main loss ---
+    aux_loss = unwrapped.aux_loss()
+    aux_loss.backward()
+    average_gradients(accelerator, unwrapped.aux_parameters())
+    parts.aux_optimizer.step()
+    parts.aux_optimizer.zero_grad(set_to_none=True)
+
+    logs = {
+        "train/total_loss": loss,
+        "train/distortion_loss": distortion,
+        "train/rate_loss": rate.loss,
+        **{f"train/distortion_{name}": value for name, value in terms.items()},
+        **rate.logs(target, lam_above),
+        "train/quantile_loss": aux_loss,
+        "optim/lr": lr,
+        "optim/aux_lr": parts.aux_optimizer.param_groups[0]["lr"],
+        "optim/grad_norm": grad_norm,
+    }
+    return IterationResult(logs, out, images, {"rate": rate})
 
 
 def main(argv: list[str]) -> None:
@@ -125,75 +117,51 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
     run = start_run(cfg, "pretrain")
     accelerator = run.accelerator
+    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
     model = build_autoencoder(cfg.model)
     ignore_in_ddp(model, model.aux_parameters())
     optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr)
+    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
     scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
-    distortion = build_distortion(cfg, lpips).to(accelerator.device)
+    distortion = build_distortion(cfg.distortion, lpips).to(accelerator.device)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
     train_loader, val_loader = loaders(run, train_set, val_set)
     # The quantile optimizer stays unprepared: its loss is never scaled by an fp16 GradScaler.
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    parts = PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
     stream = BatchStream(train_loader, accelerator)
-    fixed = {"train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size), "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size)}
+    fixed = {
+        "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
+        "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size),
+    }
 
-    models, optimizers, schedulers = {"autoencoder": model}, {"model": optimizer, "aux": aux_optimizer}, {"model": scheduler}
-    step = load_checkpoint(run, models, optimizers, schedulers, stream) if run.resume_from else 0
-    progress = Progress(accelerator, step, cfg.train.max_steps, cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes)
+    housekeeping = Housekeeping(
+        run, stream,
+        models={"autoencoder": model},
+        optimizers={"model": optimizer, "aux": aux_optimizer},
+        schedulers={"model": scheduler},
+        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
+    )  # fmt: skip
+    step = housekeeping.start()
+
+    def validate():
+        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
+
     batches = iter(stream)
     model.train()
-    val_metrics: dict[str, float] = {}
     while step < cfg.train.max_steps:
-        target, lam_above = rate_schedule(cfg.rate, step)
-        # --- autoencoder step (gradient accumulation over micro-batches) ---
-        for micro in range(cfg.train.grad_accum_steps):
-            images = next(batches)
-            last = micro == cfg.train.grad_accum_steps - 1
-            with sync_context(accelerator, model, last), accelerator.autocast():
-                out = model(images)
-                dist, terms = distortion(out.images, images)
-                rate = rate_loss(out.likelihoods, out.rounded_likelihoods, images.shape[-2] * images.shape[-1], target, cfg.rate.lam_below, lam_above)
-                loss = cfg.distortion.lam * dist + rate.loss
-                accelerator.backward(loss / cfg.train.grad_accum_steps)
-        grad_norm = gradient_norm(unwrapped.main_parameters())
-        if cfg.train.grad_clip > 0:
-            accelerator.clip_grad_norm_(list(unwrapped.main_parameters()), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # --- quantile (auxiliary) step: never part of the main loss ---
-        aux_loss = unwrapped.aux_loss()
-        aux_loss.backward()
-        average_gradients(accelerator, unwrapped.aux_parameters())
-        aux_optimizer.step()
-        aux_optimizer.zero_grad(set_to_none=True)
+        result = pretrain_iteration(parts, micro_batches(batches, accumulation), step)
         step += 1
-
-        # --- logs, validation, checkpoints ---
-        if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
-            logs = {
-                "train/loss": loss, "train/distortion_loss": dist, "train/rate_loss": rate.loss, "train/aux_loss": aux_loss,
-                **{f"train/{k}": v for k, v in terms.items()},
-                "train/bpp": rate.bpp, "train/latent_bpp": rate.latent_bpp, "train/hyper_bpp": rate.hyper_bpp,
-                "train/rounded_bpp": rate.rounded_bpp, "train/rounded_latent_bpp": rate.rounded_latent_bpp, "train/rounded_hyper_bpp": rate.rounded_hyper_bpp,
-                "rate/target_bpp": target, "rate/lam_above": lam_above,
-                "optim/lr": scheduler.get_last_lr()[0], "optim/aux_lr": aux_optimizer.param_groups[0]["lr"], "optim/grad_norm": grad_norm,
-                "perf/memory_gb": memory_gb(accelerator.device), "data/skipped_images": stream.skipped_images,
-                **progress.rates(step),
-            }
-            run.logger.scalars(logs, step)
-        progress.update(step, loss=loss.item(), bpp=rate.rounded_bpp.mean().item())
-        if val_loader is not None and (step % cfg.logging.val_every == 0 or step == cfg.train.max_steps):
-            val_metrics = validate(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
-            model.train()
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-            save_checkpoint(run, step, models, optimizers, schedulers, stream, val_metrics)
-            val_metrics = {}
-    finish_run(run, progress, "pretrain", step)
-    return unwrapped
+        housekeeping.after_iteration(
+            step,
+            logs=lambda: {**result.logs, **result.quality()},
+            validate=validate if val_loader is not None else None,
+            loss=result.logs["train/total_loss"],
+            bpp=result.logs["train/quantized_total_bpp"],
+        )
+    finish_run(run, housekeeping.progress, "pretrain", step)
+    return accelerator.unwrap_model(model)
 
 
 def cli(argv=None) -> None:

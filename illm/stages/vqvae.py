@@ -12,35 +12,38 @@ onto latents drawn from that buffer with a generator seeded by the step.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm import metrics
 from illm.config import load_config
 from illm.experiment import VQVAEConfig
 from illm.models.vqvae import VQVAE, VQVAEOutput
+from illm.losses import build_lpips
 from illm.optimizer import adamw, lr_schedule
-from illm.stages.pretrain import build_lpips
 from illm.training import (
     BatchStream,
-    Progress,
+    Housekeeping,
+    IterationResult,
+    accumulation_steps,
+    clip_gradients,
     evaluating,
     finish_run,
     fixed_images,
-    load_checkpoint,
     loaders,
-    memory_gb,
+    micro_batches,
     parse_args,
     run_main,
-    save_checkpoint,
     start_run,
     sync_context,
     train_dataset,
     val_dataset,
 )
+from illm.validation import SampleMeans
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
 
@@ -155,17 +158,14 @@ def codebook_logs(prefix: str, usage: dict[str, float]) -> dict[str, float]:
 # --- validation and images ------------------------------------------------------------------------
 
 
-def validate(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
-    """Reconstruction metrics and codebook usage over the validation set, over all processes."""
+def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
+    """Reconstruction metrics and codebook usage over the validation set, over all processes
+    (each image counted once: `SampleMeans`)."""
     accelerator = run.accelerator
     vqvae = accelerator.unwrap_model(model)
-    names = ["val/psnr", f"val/{loss_cfg.reconstruction}"]
-    names += ["val/ms_ssim"] if run.config.data.val_crop_size >= metrics.MS_SSIM_MIN_SIDE else []
-    names += ["val/lpips"] if lpips is not None else []
-    sums = {name: torch.zeros((), device=accelerator.device, dtype=torch.float64) for name in names}
-    count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-    code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long, device=accelerator.device)
     pixel_loss = F.l1_loss if loss_cfg.reconstruction == "l1" else F.mse_loss
+    averages = SampleMeans(accelerator)
+    code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     with evaluating(vqvae):
         for batch in val_loader:
             images = batch.images
@@ -178,21 +178,20 @@ def validate(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
                 "val/psnr": metrics.psnr(recon, images),
                 f"val/{loss_cfg.reconstruction}": pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1),
             }
-            if "val/ms_ssim" in sums:
+            if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
                 per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
             if lpips is not None:
                 per_image["val/lpips"] = lpips(recon, images)
             for name, values in per_image.items():
-                sums[name] += values.double().sum()
-            count += images.shape[0]
-            code_counts += vqvae.code_counts(out.indices)
-    count = accelerator.reduce(count, reduction="sum").item()
-    results = {name: (accelerator.reduce(total, reduction="sum") / max(count, 1)).item() for name, total in sums.items()}
-    code_counts = accelerator.reduce(code_counts, reduction="sum").cpu()
+                averages.add(name, values)
+            code_counts += vqvae.code_counts(averages.gather(out.indices)).cpu()
+    results = averages.means()
+    if not results:
+        return {}
     # codebook_usage reads indices: rebuild an index multiset with the summed counts.
     all_indices = torch.repeat_interleave(torch.arange(vqvae.num_codes), code_counts)
     results.update(codebook_logs("val/codebook", vqvae.codebook_usage(all_indices)))
-    return results if count else {}
+    return results
 
 
 def label_palette(num_codes: int) -> Tensor:
@@ -220,6 +219,55 @@ def log_images(run, vqvae: VQVAE, fixed: dict[str, Tensor | None], palette: Tens
                 run.logger.image_pairs("val/input_vs_labels", images, labels, step)
 
 
+# --- one iteration ---------------------------------------------------------------------------------
+
+
+@dataclass
+class VQVAEParts:
+    """What one stage-0 iteration works on. `model` may be wrapped by `accelerator.prepare`."""
+
+    cfg: VQVAEConfig
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: object
+    scheduler: object
+    keeper: CodebookKeeper
+    lpips: nn.Module | None
+
+
+def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> IterationResult:
+    """One training iteration on the micro-batches `batches`, then the codebook upkeep;
+    `step` iterations have been done before it."""
+    cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
+    vqvae = accelerator.unwrap_model(model)
+    hits_before = vqvae.code_counts()
+    lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
+    for index, images in enumerate(batches):
+        with sync_context(accelerator, model, index == len(batches) - 1), accelerator.autocast():
+            out = model(images)
+            loss, terms = vqvae_loss(out, images, cfg.loss, parts.lpips)
+        accelerator.backward(loss / len(batches))
+    grad_norm = clip_gradients(accelerator, model.parameters(), cfg.train.grad_clip)
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    step += 1
+
+    # --- codebook upkeep: the same on every process ---
+    parts.keeper.record_hits(share_hits(accelerator, vqvae, hits_before), step)
+    logs = {
+        "train/loss": loss,
+        **{f"train/{k}": v for k, v in terms.items()},
+        "optim/lr": lr,
+        "optim/grad_norm": grad_norm,
+    }
+    if cfg.codebook.reseed_dead:
+        parts.keeper.remember(accelerator.gather(sample_latents(out.latent, cfg.data.batch_size)))
+        if step % cfg.codebook.reseed_every == 0:
+            logs["codebook/reseeded_codes"] = reseed_dead_codes(vqvae, parts.keeper, step, cfg)
+    return IterationResult(logs, out, images)
+
+
 # --- the loop ---------------------------------------------------------------------------------------
 
 
@@ -236,6 +284,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     # overwrite them with the main process's counts before every forward.
     run = start_run(cfg, "vqvae", broadcast_buffers=False)
     accelerator = run.accelerator
+    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
     model = build_vqvae(cfg.model)
     keeper = CodebookKeeper(cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size)
@@ -247,66 +296,47 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     model, optimizer = accelerator.prepare(model, optimizer)
     vqvae = accelerator.unwrap_model(model)
     stream = BatchStream(train_loader, accelerator)
-    fixed = {"train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size), "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size)}
+    parts = VQVAEParts(cfg, accelerator, model, optimizer, scheduler, keeper, lpips)
+    fixed = {
+        "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
+        "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size),
+    }
     palette = label_palette(cfg.model.codebook_size)
 
-    models, optimizers, schedulers = {"vqvae": model, "codebook_keeper": keeper}, {"model": optimizer}, {"model": scheduler}
-    step = load_checkpoint(run, models, optimizers, schedulers, stream) if run.resume_from else 0
-    progress = Progress(accelerator, step, cfg.train.max_steps, cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes)
+    housekeeping = Housekeeping(
+        run, stream,
+        models={"vqvae": model, "codebook_keeper": keeper},
+        optimizers={"model": optimizer},
+        schedulers={"model": scheduler},
+        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
+    )  # fmt: skip
+    step = housekeeping.start()
+
+    def logs(result: IterationResult) -> dict:
+        # codebook/dead_codes: unused since the last log; stale_codes: unused for dead_after steps.
+        usage = vqvae.codebook_usage()  # the hits of all processes since the last log
+        vqvae.reset_codebook_hits()
+        stale = keeper.dead_codes(step, cfg.codebook.dead_after).sum()
+        return {**result.logs, **codebook_logs("codebook", usage), "codebook/stale_codes": stale}
+
+    def validate() -> dict:
+        val_metrics = {}
+        if val_loader is not None:
+            val_metrics = validate_vqvae(run, model, val_loader, lpips, cfg.loss)
+            run.logger.scalars(val_metrics, step)
+        if accelerator.is_main_process:
+            log_images(run, vqvae, fixed, palette, step)
+        return val_metrics
+
     batches = iter(stream)
     model.train()
-    val_metrics: dict[str, float] = {}
     while step < cfg.train.max_steps:
-        # --- VQ-VAE step (gradient accumulation over micro-batches) ---
-        hits_before = vqvae.code_counts()
-        for micro in range(cfg.train.grad_accum_steps):
-            images = next(batches)
-            last = micro == cfg.train.grad_accum_steps - 1
-            with sync_context(accelerator, model, last), accelerator.autocast():
-                out = model(images)
-                loss, terms = vqvae_loss(out, images, cfg.loss, lpips)
-                accelerator.backward(loss / cfg.train.grad_accum_steps)
-        # max_norm = inf measures the (unscaled) norm without clipping.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        result = vqvae_iteration(parts, micro_batches(batches, accumulation), step)
         step += 1
-
-        # --- codebook upkeep: the same on every process ---
-        keeper.record_hits(share_hits(accelerator, vqvae, hits_before), step)
-        if cfg.codebook.reseed_dead:
-            keeper.remember(accelerator.gather(sample_latents(out.latent, cfg.data.batch_size)))
-            if step % cfg.codebook.reseed_every == 0:
-                reseeded = reseed_dead_codes(vqvae, keeper, step, cfg)
-                run.logger.scalars({"codebook/reseeded_codes": reseeded}, step)
-
-        # --- logs, validation, checkpoints ---
-        if step % cfg.logging.every == 0 or step == cfg.train.max_steps:
-            # codebook/dead_codes: unused since the last log; stale_codes: unused for dead_after steps.
-            usage = vqvae.codebook_usage()  # the hits of all processes since the last log
-            vqvae.reset_codebook_hits()
-            logs = {
-                "train/loss": loss, **{f"train/{k}": v for k, v in terms.items()},
-                **codebook_logs("codebook", usage),
-                "codebook/stale_codes": keeper.dead_codes(step, cfg.codebook.dead_after).sum(),
-                "optim/lr": scheduler.get_last_lr()[0], "optim/grad_norm": grad_norm,
-                "perf/memory_gb": memory_gb(accelerator.device), "data/skipped_images": stream.skipped_images,
-                **progress.rates(step),
-            }
-            run.logger.scalars(logs, step)
-        progress.update(step, loss=loss.item())
-        if step % cfg.logging.val_every == 0 or step == cfg.train.max_steps:
-            if val_loader is not None:
-                val_metrics = validate(run, model, val_loader, lpips, cfg.loss)
-                run.logger.scalars(val_metrics, step)
-            if accelerator.is_main_process:
-                log_images(run, vqvae, fixed, palette, step)
-            model.train()
-        if step % cfg.checkpoint.every == 0 or step == cfg.train.max_steps:
-            save_checkpoint(run, step, models, optimizers, schedulers, stream, val_metrics)
-            val_metrics = {}
-    finish_run(run, progress, "vqvae", step)
+        if "codebook/reseeded_codes" in result.logs:
+            run.logger.scalars({"codebook/reseeded_codes": result.logs.pop("codebook/reseeded_codes")}, step)
+        housekeeping.after_iteration(step, logs=lambda: logs(result), validate=validate, loss=result.logs["train/loss"])
+    finish_run(run, housekeeping.progress, "vqvae", step)
     return vqvae
 
 
