@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from illm.errors import IllmError
+from illm.errors import IllmError, one_line
 from illm.files import atomic_open, atomic_write_bytes
 
 FORMAT_VERSION = 1
@@ -55,7 +55,7 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise IllmError(f"checkpoint not found: {path}") from None
     except Exception as error:  # unpickling errors come in many types
-        raise IllmError(f"{path}: not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        raise IllmError(f"{path}: not a readable checkpoint ({type(error).__name__}: {one_line(error)})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("illm_checkpoint") != FORMAT_VERSION:
         raise IllmError(f"{path}: not an illm training checkpoint")
     return checkpoint
@@ -67,7 +67,8 @@ def resolve_checkpoint(source: str | Path) -> Path:
     if source.is_dir():
         latest = latest_checkpoint(source)
         if latest is None:
-            raise IllmError(f"{source}: run folder holds no checkpoint (looked in {source / 'checkpoints'})")
+            expected = source / "checkpoints" / "step_<8-digit step>.pt"
+            raise IllmError(f"{source}: a folder without checkpoints (expected {expected})")
         return latest
     return source
 

@@ -27,32 +27,26 @@ which keeps the pipeline testable offline (the numbers are then meaningless).
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import math
-import shutil
-import sys
-import urllib.request
 import warnings
 from pathlib import Path
-from unittest import mock
-from urllib.parse import urlparse
 
 import lpips
 import piq
 import pytorch_msssim
 import torch
 import torchvision
-from torch import Tensor, nn
 from piq.perceptual import VGG16_LAYERS
-from torchvision.models.vgg import cfgs as VGG_CONFIGS
-from torchvision.models.vgg import make_layers as make_vgg_layers
+from torch import Tensor, nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
+from torchvision.models.vgg import cfgs as VGG_CONFIGS
+from torchvision.models.vgg import make_layers as make_vgg_layers
 
-from illm.errors import ConfigError, MissingWeightsError
-from illm.files import atomic_open
+from illm.download import cached_file
+from illm.errors import ConfigError, MissingWeightsError, one_line
 
 FULL_REFERENCE_METRICS = ("psnr", "ms_ssim", "lpips", "dists")
 DISTRIBUTION_METRICS = ("fid", "kid", "fid_swav")
@@ -70,7 +64,6 @@ DISTS_URL = "https://github.com/photosynthesis-team/piq/releases/download/v0.4.1
 # The official FrechetInceptionDistanceSwAV normalises with these constants (0.228, sic).
 SWAV_MEAN = (0.485, 0.456, 0.406)
 SWAV_STD = (0.228, 0.224, 0.225)
-DOWNLOAD_TIMEOUT_SECONDS = 30
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,49 +103,13 @@ def ms_ssim(x: Tensor, y: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def _download(url: str, destination: Path) -> None:
-    """Download ``url`` to ``destination`` through a temporary file (never a partial file)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    print(f"downloading {url} to {destination}", file=sys.stderr)
-    with atomic_open(destination) as file, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
-        shutil.copyfileobj(response, file)
-
-
-def cached_weights(url: str, description: str, check_hash: bool = False) -> Path:
-    """Path of the weights file of ``url`` in the torch hub cache, downloading it if needed.
-
-    With ``check_hash``, the file name carries a SHA-256 prefix (torchvision's convention)
-    that a fresh download must match. Raises ``MissingWeightsError`` (one line) when the file
-    is neither cached nor downloadable.
-    """
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
-    if path.is_file():
-        return path
-    try:
-        _download(url, path)
-    except Exception as error:  # any network or file system failure means "not available"
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise MissingWeightsError(
-            f"{description} weights are missing: {path} does not exist and downloading it from {url} "
-            f"failed ({reason}); put the file there or run without this metric"
-        ) from None
-    if check_hash:
-        expected = torch.hub.HASH_REGEX.search(path.name)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        if expected and not digest.startswith(expected.group(1)):
-            path.unlink()
-            raise MissingWeightsError(f"{description} weights downloaded from {url} are corrupt (SHA-256 {digest[:8]})")
-    return path
-
-
 def _load(path: Path) -> dict:
     """Load a cached state dict; an unreadable file is reported like a missing one."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200]
         raise MissingWeightsError(
-            f"cannot read the weights file {path} ({reason}); delete it so that it is fetched again"
+            f"cannot read the weights file {path} ({one_line(error)}); delete it so that it is fetched again"
         ) from None
 
 
@@ -181,7 +138,7 @@ class LPIPSDistance(_FrozenModule):
         if net not in backbones:
             raise ConfigError(f"unknown LPIPS network {net!r}: expected 'alex' or 'vgg'")
         if not random_backbone:
-            cached_weights(backbones[net].IMAGENET1K_V1.url, f"LPIPS ({net}) backbone", check_hash=True)
+            cached_file(backbones[net].IMAGENET1K_V1.url, f"LPIPS ({net}) backbone", check_hash=True)
         with warnings.catch_warnings():  # lpips uses torchvision's deprecated `pretrained=` argument
             warnings.simplefilter("ignore", UserWarning)
             # The linear-layer weights ship inside the lpips package; only the backbone is fetched.
@@ -228,10 +185,10 @@ class DISTSDistance(_FrozenModule):
             alpha, beta = torch.rand(1, 1475, 1, 1), torch.rand(1, 1475, 1, 1)
         else:
             vgg_url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
-            vgg_state = _load(cached_weights(vgg_url, "DISTS VGG-16 backbone", check_hash=True))
+            vgg_state = _load(cached_file(vgg_url, "DISTS VGG-16 backbone", check_hash=True))
             features = {k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")}
             vgg_features.load_state_dict(features)
-            dists_weights = _load(cached_weights(DISTS_URL, "DISTS"))
+            dists_weights = _load(cached_file(DISTS_URL, "DISTS"))
             alpha, beta = dists_weights["alpha"], dists_weights["beta"]
         self.model = _FullResolutionDISTS(vgg_features, alpha, beta)
         self._freeze()
@@ -250,23 +207,36 @@ def dists_network(random_backbone: bool = False) -> DISTSDistance:
 # ----------------------------------------------------------------------------------------
 
 
+class _UntrainedInceptionV3(FeatureExtractorInceptionV3):
+    """torch-fidelity's FID Inception-v3 with random weights.
+
+    Its ``__init__`` always loads a weights file and hands it to ``load_state_dict`` (there is
+    no option to skip that): given an empty one, this subclass initialises the weights instead.
+    """
+
+    def __init__(self):
+        empty_file = io.BytesIO()
+        torch.save({}, empty_file)
+        empty_file.seek(0)
+        super().__init__("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty_file)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if state_dict:  # a real state dict loads as usual
+            return super().load_state_dict(state_dict, strict, assign)
+        for module in self.modules():  # PyTorch's default init makes the features vanish
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+
 class InceptionFeatures(_FrozenModule):
     """2048-d pool features of the TF-FID Inception-v3 (torch-fidelity); uint8 B×3×H×W input."""
 
     def __init__(self, random_backbone: bool = False):
         super().__init__()
         if random_backbone:
-            # torch-fidelity loads weights inside __init__; skipping that keeps the default init.
-            empty_state = io.BytesIO()
-            torch.save({}, empty_state)
-            empty_state.seek(0)
-            with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None):
-                self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], empty_state)
-            for module in self.model.modules():  # PyTorch's default init makes the features vanish
-                if isinstance(module, nn.Conv2d):
-                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            self.model = _UntrainedInceptionV3()
         else:
-            path = cached_weights(URL_INCEPTION_V3, "FID Inception-v3")
+            path = cached_file(URL_INCEPTION_V3, "FID Inception-v3")
             self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(path))
         self._freeze()
 
@@ -286,7 +256,7 @@ class SwAVFeatures(_FrozenModule):
         self.model = torchvision.models.resnet50(weights=None)
         self.model.fc = nn.Identity()
         if not random_backbone:
-            path = cached_weights(SWAV_URL, "SwAV ResNet-50")
+            path = cached_file(SWAV_URL, "SwAV ResNet-50")
             state = _load(path)
             state = {key.removeprefix("module."): value for key, value in state.items()}
             missing, _ = self.model.load_state_dict(state, strict=False)  # projection head unused

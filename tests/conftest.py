@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from illm import metrics
+from illm import download
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "reference" / "golden.pt"
@@ -28,7 +28,7 @@ def offline(tmp_path, monkeypatch):
     def no_network(url, destination):
         raise OSError("network disabled in tests")
 
-    monkeypatch.setattr(metrics, "_download", no_network)
+    monkeypatch.setattr(download, "_fetch", no_network)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from illm import codec, zoo
+from illm import codec, download, zoo
 from illm.errors import IllmError, MissingWeightsError
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
@@ -47,7 +47,7 @@ def offline_hub(tmp_path, monkeypatch):
         raise OSError(f"network is unreachable: {url}")
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(download, "_fetch", no_network)
     monkeypatch.setattr(zoo, "_license_shown", False)
     return tmp_path / "hub" / "checkpoints"
 
@@ -83,7 +83,7 @@ def test_official_name_downloads_into_the_hub_cache(offline_hub, monkeypatch):
         downloads.append(url)
         torch.save(reference.state_dict(), destination)
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    monkeypatch.setattr(download, "_fetch", fake_download)
     first = zoo.load("noganms_quality_2")
     second = zoo.load("noganms_quality_2")  # from the cache: no second download
     assert downloads == [zoo.OFFICIAL_WEIGHTS["noganms_quality_2"]]
