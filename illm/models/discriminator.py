@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from illm.errors import ConfigError, IllmError
+from illm.models.layers import load_strict
 
 NORM_TYPES = ("identity", "spectral", "instance", "batch")
 UNET_WIDTHS = (128, 128, 256, 256, 512, 512)
@@ -236,7 +237,7 @@ class ConditionalUNetDiscriminator(nn.Module):
             output_factor=2 ** (len(channels) - 1 - num_upsampling),
             norm_type=norm_type or _infer_norm_type(state_dict),
         )
-        _load_strict(model, state_dict)
+        load_strict(model, state_dict, "discriminator")
         return model
 
 
@@ -310,19 +311,3 @@ def _infer_norm_type(state_dict: Mapping[str, Tensor]) -> str:
     if any(key.endswith(".running_mean") for key in state_dict):
         return "batch"
     return "identity"
-
-
-def _load_strict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """``load_state_dict(strict=True)``, with a one-line error naming the first mismatches."""
-    expected = model.state_dict()
-    problems = [f"missing {key}" for key in expected if key not in state_dict]
-    problems += [f"unexpected {key}" for key in state_dict if key not in expected]
-    problems += [
-        f"{key} has shape {tuple(state_dict[key].shape)}, expected {tuple(value.shape)}"
-        for key, value in expected.items()
-        if key in state_dict and state_dict[key].shape != value.shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-        raise IllmError(f"discriminator state dict does not match its inferred architecture: {shown}")
-    model.load_state_dict(state_dict, strict=True)

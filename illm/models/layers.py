@@ -1,7 +1,12 @@
 """Small building blocks shared by several networks."""
 
+import re
+from collections.abc import Mapping
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from illm.errors import IllmError
 
 
 class ChannelNorm2d(nn.Module):
@@ -29,3 +34,36 @@ class ChannelNorm2d(nn.Module):
         if self.gamma is not None:
             x = x * self.gamma + self.beta
         return x
+
+
+def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str, assign: bool = False) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, or an `IllmError` in one line naming the
+    first missing, unexpected or wrongly shaped entries (``what`` names the network).
+
+    The model's own load hooks (e.g. renaming legacy keys) run before anything is compared.
+    """
+    try:
+        result = model.load_state_dict(state_dict, strict=False, assign=assign)
+        problems = [f"missing {key}" for key in result.missing_keys]
+        problems += [f"unexpected {key}" for key in result.unexpected_keys]
+    except RuntimeError as error:  # wrong shapes, which torch reports even when not strict
+        problems = [_shape_problem(line.strip()) for line in str(error).splitlines()[1:] if line.strip()]
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise IllmError(f"{what} state dict does not match its inferred architecture: {shown}")
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape torch\.Size\(\[(.*?)\]\) from checkpoint, "
+    r"the shape in current model is torch\.Size\(\[(.*?)\]\)"
+)
+
+
+def _shape_problem(line: str) -> str:
+    """torch's "size mismatch for KEY: ..." line as "KEY has shape (...), expected (...)"."""
+    match = _SIZE_MISMATCH.match(line)
+    if not match:
+        return line.rstrip(".")
+    key, given, expected = match.groups()
+    shape = lambda text: tuple(int(size) for size in text.split(",") if size.strip())  # noqa: E731
+    return f"{key} has shape {shape(given)}, expected {shape(expected)}"

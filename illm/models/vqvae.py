@@ -19,7 +19,7 @@ from timm.models.xcit import XCA
 from torch import Tensor, nn
 
 from illm.errors import ConfigError, IllmError
-from illm.models.layers import ChannelNorm2d
+from illm.models.layers import ChannelNorm2d, load_strict
 
 
 @dataclass
@@ -461,8 +461,7 @@ class VQVAE(nn.Module):
         """Build the architecture that `state_dict` describes (official or tiny) and load it
         strictly. Raises IllmError naming the offending key when it is not a VQ-VAE state dict."""
         model = cls(**_infer_architecture(state_dict))
-        _check_keys(model.state_dict(), state_dict)
-        model.load_state_dict(state_dict, strict=True)
+        load_strict(model, state_dict, "VQ-VAE")
         return model
 
     # ---- helpers ----------------------------------------------------------------------
@@ -533,21 +532,3 @@ def _infer_architecture(state_dict: Mapping[str, Tensor]) -> dict:
         codebook_size=codebook_size,
         codebook_dim=codebook_dim,
     )
-
-
-def _check_keys(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]) -> None:
-    """One-line error for missing, unexpected or wrongly shaped entries."""
-    missing = [k for k in expected if k not in given]
-    unexpected = [k for k in given if k not in expected]
-    if missing or unexpected:
-        first = (missing or unexpected)[0]
-        raise IllmError(
-            f"VQ-VAE state dict does not match the inferred architecture: "
-            f"{len(missing)} missing, {len(unexpected)} unexpected keys (first: '{first}')"
-        )
-    for key, tensor in expected.items():
-        if tuple(given[key].shape) != tuple(tensor.shape):
-            raise IllmError(
-                f"VQ-VAE state dict: '{key}' has shape {tuple(given[key].shape)}, "
-                f"expected {tuple(tensor.shape)}"
-            )
