@@ -1,7 +1,7 @@
 """The ``illm`` command line: compress images into ``.illm`` files, decompress them, inspect them.
 
-    illm compress   --weights W INPUT...      [-o OUT] [--device cpu|cuda] [--force]
-    illm decompress --weights W INPUT.illm... [-o OUT] [--device cpu|cuda] [--force]
+    illm compress   --weights W INPUT...      [-o OUT] [--device cpu|cuda] [--precision fp32|bf16] [--force]
+    illm decompress --weights W INPUT.illm... [-o OUT] [--device cpu|cuda] [--precision fp32|bf16] [--force]
     illm info FILE.illm...
 
 ``W`` is an official weights name, a state-dict file, a training checkpoint or a run folder
@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
             "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
             help="where the networks run (default: cuda when available)",
         )
+        command.add_argument(
+            "--precision", choices=("fp32", "bf16"), default="fp32",
+            help="precision of the encoder and generator networks; the entropy coding is float32 "
+            "either way, so files decode the same in both (default: fp32, identical to the official code)",
+        )
         command.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
 
     coding_command("compress", _compress, "compress images into .illm files", "image file (PNG, JPEG, WebP, ...)")
@@ -80,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> None:
     _check_device(args.device)
     targets = _plan_outputs(args.inputs, args.output, ".illm", args.force)
-    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device)
+    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device, args.precision)
     start = time.perf_counter()
     total_bytes = total_pixels = 0
     for source, target in _progress(args.inputs, targets, "compressing"):
@@ -96,7 +101,7 @@ def _compress(args: argparse.Namespace) -> None:
 def _decompress(args: argparse.Namespace) -> None:
     _check_device(args.device)
     targets = _plan_outputs(args.inputs, args.output, ".png", args.force)
-    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device)
+    model, model_id, load_seconds = _load_autoencoder(args.weights, args.device, args.precision)
     start = time.perf_counter()
     total_bytes = total_pixels = 0
     for source, target in _progress(args.inputs, targets, "decompressing"):
@@ -161,13 +166,12 @@ def _check_device(device: str) -> None:
         raise IllmError("--device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device cpu")
 
 
-def _load_autoencoder(weights: str, device: str) -> tuple[torch.nn.Module, bytes, float]:
-    """The autoencoder, its weights id, and the seconds both took."""
+def _load_autoencoder(weights: str, device: str, precision: str) -> tuple[torch.nn.Module, bytes, float]:
+    """The autoencoder, its weights id (cached per weights file), and the seconds both took."""
     from illm import zoo  # imports the networks and compressai: only for the commands that need them
 
     start = time.perf_counter()
-    model = zoo.load(weights, "autoencoder", device)
-    model_id = codec.weights_id(model)
+    model, model_id = zoo.load_for_coding(weights, device, precision)
     return model, model_id, time.perf_counter() - start
 
 

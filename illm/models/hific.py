@@ -7,22 +7,30 @@ models are compressai's `EntropyBottleneck` (hyper-latent) and `GaussianConditio
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from compressai.entropy_models import EntropyBottleneck, GaussianConditional
-from compressai.models.base import get_scale_table
 from torch import Tensor, nn
 
 from illm.errors import IllmError
-from illm.models.layers import ChannelNorm2d
+from illm.models._compressai import EntropyBottleneck, GaussianConditional
+from illm.models.layers import ChannelNorm2d, load_strict
 
 # compressai's coder tables: sized by `update()`, empty in a model that was never updated.
 _CODER_TABLES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+# The latent coder's scales: compressai's `get_scale_table()` (64 log-spaced scales from 0.11 to
+# 256), written out because importing compressai.models costs seconds; a test compares the two.
+_SCALE_TABLE_RANGE = (0.11, 256.0, 64)
+
+# What `HiFiCAutoencoder.set_precision` accepts: the dtype the encoder and the generator run in.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 _LEGACY_PARAMETER_LISTS = {"matrix": "matrices", "bias": "biases", "factor": "factors"}
 
@@ -163,6 +171,12 @@ def _prepare_entropy_model_load(module: nn.Module, state_dict: dict, prefix: str
             setattr(module, name, current.new_empty(incoming.shape))
 
 
+def scale_table() -> Tensor:
+    """The scales of the latent coder's tables, as compressai's `get_scale_table()` makes them."""
+    low, high, levels = _SCALE_TABLE_RANGE
+    return torch.exp(torch.linspace(math.log(low), math.log(high), levels))
+
+
 def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
@@ -256,8 +270,14 @@ class HiFiCAutoencoder(nn.Module):
         self._frozen_bottleneck = False
 
     @classmethod
-    def from_state_dict(cls, state_dict: Mapping[str, Tensor]) -> HiFiCAutoencoder:
-        """Builds the architecture that `state_dict` describes (official or tiny) and loads it."""
+    def from_state_dict(cls, state_dict: Mapping[str, Tensor], *, assign: bool = False) -> HiFiCAutoencoder:
+        """Builds the architecture that `state_dict` describes (official or tiny) and loads it.
+
+        With ``assign`` the model takes the tensors of `state_dict` as its own (converted only
+        where their dtype differs from the model's) instead of initialising its parameters at
+        random and copying: much faster, for a state dict that nobody else will modify, such as
+        one just read from a file.
+        """
         if not isinstance(state_dict, Mapping):
             raise IllmError(f"expected a HiFiC autoencoder state dict, got {type(state_dict).__name__}")
 
@@ -270,19 +290,17 @@ class HiFiCAutoencoder(nn.Module):
         residual_indexes = {
             int(match.group(1)) for key in state_dict if (match := re.match(r"decoder\.resid_blocks\.(\d+)\.", key))
         }
-        model = cls(
-            latent_channels=out_channels("encoder.blocks.5.weight"),
-            hyper_channels=out_channels("hyper_analysis.0.weight"),
-            encoder_channels=tuple(out_channels(f"encoder.blocks.{i}.0.weight") for i in range(5)),
-            num_residual_blocks=len(residual_indexes),
-        )
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as error:
-            details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()]
-            raise IllmError(
-                f"state dict does not fit the HiFiC autoencoder inferred from it: {details[0] if details else error}"
-            ) from None
+        with torch.device("meta") if assign else contextlib.nullcontext():
+            model = cls(
+                latent_channels=out_channels("encoder.blocks.5.weight"),
+                hyper_channels=out_channels("hyper_analysis.0.weight"),
+                encoder_channels=tuple(out_channels(f"encoder.blocks.{i}.0.weight") for i in range(5)),
+                num_residual_blocks=len(residual_indexes),
+            )
+        if assign:  # the dtypes a copy into the model's own tensors would give
+            dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+            state_dict = {name: tensor.to(dtypes.get(name, tensor.dtype)) for name, tensor in state_dict.items()}
+        load_strict(model, state_dict, "HiFiC autoencoder", assign=assign)
         return model
 
     def forward(self, images: Tensor) -> AutoencoderOutput:
@@ -340,12 +358,28 @@ class HiFiCAutoencoder(nn.Module):
         images = self.decoder(latent.to(generator_weight)).float()
         return images[:, :, :height, :width].clamp(0.0, 1.0)
 
+    def set_precision(self, precision: str) -> HiFiCAutoencoder:
+        """Run the encoder and the generator in ``precision`` ("fp32" or "bf16"), for coding.
+
+        Only these two: the hyperprior path that turns the latent into bytes and back stays in
+        float32 (on the CPU), so the latent a file decodes to does not depend on the precision
+        that wrote or reads it. bf16 weights are kept channels-last, the layout in which CPU
+        bf16 convolutions are fastest. Rounding to bf16 is one-way: load the weights again to
+        get float32 back.
+        """
+        if precision not in PRECISIONS:
+            raise IllmError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        memory_format = torch.preserve_format if precision == "fp32" else torch.channels_last
+        for network in (self.encoder, self.decoder):
+            network.to(PRECISIONS[precision], memory_format=memory_format)
+        return self
+
     @torch.no_grad()
     def update(self, force: bool = False) -> bool:
         """Builds the entropy coders' tables (if missing, or always with `force`); True if it did."""
         with _no_autocast(self.hyper_bottleneck.quantiles.device):
             updated = self.hyper_bottleneck.update(force=force)
-            updated |= self.latent_bottleneck.update_scale_table(get_scale_table(), force=force)
+            updated |= self.latent_bottleneck.update_scale_table(scale_table(), force=force)
         return updated
 
     def aux_loss(self) -> Tensor:
