@@ -7,8 +7,9 @@ Values are parsed like overrides (TOML, else a plain string); commas inside brac
 do not split (`--sweep discriminator.channels=[64,128,128,256],[128,128,256,256]`). Several
 `--sweep` flags give the cross product, in the order given (the last key varies fastest). Each
 experiment runs in its own folder `<run.dir>/<key>=<value>` (keys joined by `,`; characters
-other than letters, digits and `._=+-` become `_`), one after another in this process, and a
-summary follows. `--sweep-index N` runs only experiment N (0-based): one SLURM array task each.
+other than letters, digits and `._=+-` become `_`) and in a Python process of its own, one
+after another, and a summary follows. `--sweep-index N` runs only experiment N (0-based), in
+this process: one SLURM array task each.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ import itertools
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate.state import AcceleratorState
+import torch.distributed
 
 from illm.config import load_config, parse_override
 from illm.errors import ConfigError, IllmError
@@ -129,8 +132,19 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def run_with_sweeps(main: Callable[[list[str]], None], config_cls, argv: list[str], usage: str) -> None:
-    """`main(argv)` once, or once per sweep experiment (all configs are checked before any runs)."""
+def run_with_sweeps(
+    main: Callable[[list[str]], None],
+    config_cls,
+    argv: list[str],
+    usage: str,
+    run_experiment: Callable[[list[str]], None] | None = None,
+) -> None:
+    """`main(argv)` once, or once per sweep experiment (all configs are checked before any runs).
+
+    With `--sweep-index` the one experiment runs in this process; otherwise each experiment runs
+    in a process of its own (`run_experiment`, default `in_own_process(main)`), one after another.
+    `run_experiment(argv)` raises `IllmError` when the experiment fails.
+    """
     argv, sweeps, index = split_sweep_args(argv)
     if not sweeps:
         if index is not None:
@@ -143,7 +157,7 @@ def run_with_sweeps(main: Callable[[list[str]], None], config_cls, argv: list[st
     if index is not None:
         if not 0 <= index < len(points):
             raise ConfigError(f"{INDEX_FLAG} {index}: the sweep has {len(points)} experiments (0 to {len(points) - 1})")
-        points = [points[index]]
+        points, run_experiment = [points[index]], main
     runs = []
     for point in points:
         run_dir = base_dir / point.name
@@ -151,18 +165,21 @@ def run_with_sweeps(main: Callable[[list[str]], None], config_cls, argv: list[st
         load_config(config_cls, config_path, point_argv[1:])  # fail before anything trains
         runs.append((point, run_dir, point_argv))
 
+    run_experiment = run_experiment or in_own_process(main)
     results = []
-    with process_group_kept():
-        for point, run_dir, point_argv in runs:
-            if _is_main_process():
-                print(f"[sweep] experiment {point.index} ({len(results) + 1}/{len(runs)}): {' '.join(point.overrides)} -> {run_dir}", flush=True)
-            started = time.perf_counter()
-            try:
-                main(point_argv)
-                status = "done"
-            except IllmError as error:
-                status = f"failed: {error}"
-            results.append((point, run_dir, status, time.perf_counter() - started))
+    for point, run_dir, point_argv in runs:
+        if _is_main_process():
+            overrides_text = " ".join(point.overrides)
+            print(f"[sweep] experiment {point.index} ({len(results) + 1}/{len(runs)}): {overrides_text} -> {run_dir}", flush=True)
+        started = time.perf_counter()
+        try:
+            run_experiment(point_argv)
+            status = "done"
+        except IllmError as error:
+            status = f"failed: {error}"
+        results.append((point, run_dir, status, time.perf_counter() - started))
+    if index is None and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the one the experiments' ports were agreed on
     if _is_main_process():
         print(summary(results))
     failed = sum(status != "done" for *_, status, _ in results)
@@ -170,22 +187,45 @@ def run_with_sweeps(main: Callable[[list[str]], None], config_cls, argv: list[st
         raise IllmError(f"{failed} of {len(results)} sweep experiments failed (see the summary above)")
 
 
-@contextmanager
-def process_group_kept():
-    """Keep the distributed process group up until the last experiment has run.
+# The child: `python -c CHILD MODULE FUNCTION ARGS...` runs MODULE.FUNCTION(ARGS) as a stage script.
+_CHILD = (
+    "import importlib, sys; from illm.training import run_main; "
+    "run_main(getattr(importlib.import_module(sys.argv[1]), sys.argv[2]), sys.argv[3:])"
+)
 
-    Every stage ends with `accelerator.end_training()`, which destroys the process group, and a
-    new one cannot be set up inside the same `accelerate launch` (its workers share the
-    launcher's rendezvous store): within a sweep that teardown waits for the end.
+
+def in_own_process(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+    """Run each experiment as `main(argv)` in a fresh Python process.
+
+    A fresh process starts with fresh Accelerate state, a fresh process group and fresh globals.
+    Under a multi-process launch every process starts its own child, and the children form a
+    process group of their own on a port the main process picks free for each experiment (the
+    launcher's rendezvous serves one process group only).
     """
-    destroy = AcceleratorState.destroy_process_group
-    AcceleratorState.destroy_process_group = lambda self, group=None: None
-    try:
-        yield
-    finally:
-        AcceleratorState.destroy_process_group = destroy
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+
+    def run(argv: list[str]) -> None:
+        env = dict(os.environ)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            env.update(MASTER_PORT=str(_agree_on_a_free_port()), TORCHELASTIC_USE_AGENT_STORE="False")
+        command = [sys.executable, "-c", _CHILD, main.__module__, main.__name__, *argv]
+        returncode = subprocess.run(command, env=env).returncode
+        if returncode != 0:
+            raise IllmError(f"exit code {returncode}")
+
+    return run
+
+
+def _agree_on_a_free_port() -> int:
+    """A port free on the main process's machine, the same in every process of the launch."""
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")  # the launcher's rendezvous, used for this only
+    port = [None]
+    if torch.distributed.get_rank() == 0:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("", 0))
+            port = [probe.getsockname()[1]]
+    torch.distributed.broadcast_object_list(port, src=0)
+    return port[0]
 
 
 def summary(results) -> str:

@@ -1,14 +1,16 @@
 """Sweeps: value parsing, cross products, run folders, --sweep-index, failures; with a stand-in
 `main` that records its arguments instead of training."""
 
+import os
 from pathlib import Path
 
 import pytest
 
+from helpers import sweep_child
 from illm.config import load_config
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
-from illm.sweep import experiments, parse_sweep, run_with_sweeps, split_values
+from illm.sweep import experiments, in_own_process, parse_sweep, run_with_sweeps, split_values
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "illm/configs/tiny/finetune.toml")
@@ -28,7 +30,8 @@ class Recorder:
 
 
 def sweep(main, *args):
-    run_with_sweeps(main, FinetuneConfig, [TINY, "run.dir=/tmp/base", *args], usage="usage")
+    """A sweep whose experiments run in this process, so that `main` can record them."""
+    run_with_sweeps(main, FinetuneConfig, [TINY, "run.dir=/tmp/base", *args], usage="usage", run_experiment=main)
 
 
 def test_values_split_at_top_level_commas_only():
@@ -108,3 +111,16 @@ def test_sweep_parses_keys_and_experiments_are_numbered():
         (0, ["gan.generator_weight=1", "distortion.lam=3"]),
         (1, ["gan.generator_weight=2", "distortion.lam=3"]),
     ]
+
+
+@pytest.mark.slow
+def test_each_experiment_runs_in_a_process_of_its_own(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))
+    run = in_own_process(sweep_child.write_pid)
+    run([str(tmp_path / "first")])
+    run([str(tmp_path / "second")])
+    pids = {(tmp_path / name).read_text() for name in ("first", "second")}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    with pytest.raises(IllmError, match="exit code 1"):
+        in_own_process(sweep_child.fail)([])
+    assert "error: this experiment fails" in capfd.readouterr().err  # the child's one-line error
