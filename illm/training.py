@@ -398,7 +398,7 @@ class Housekeeping:
                 **self.progress.rates(step),
             }
             run.logger.scalars({**logs(), **common}, step)
-        self.progress.update(step, **{k: float(v) for k, v in shown.items()})
+        self.progress.update(step, **{k: float(torch.as_tensor(v).detach()) for k, v in shown.items()})
         if validate is not None and is_due(step, cfg.logging.val_every, max_steps):
             self.val_metrics = validate()
         if is_due(step, cfg.checkpoint.every, max_steps):

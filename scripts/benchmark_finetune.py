@@ -42,7 +42,7 @@ def benchmark(workdir: Path, precision: str, steps: int) -> list[float]:
     """Per-iteration seconds of `steps` timed iterations (after one warm-up) in `precision`."""
     run_dir = workdir / f"run_{precision}"
     overrides = [
-        f"data.train={workdir / 'images'}", "data.val=", "data.batch_size=4", "data.num_workers=0",
+        f"data.train={workdir / 'images'}", "data.val=", "data.batch_size=4", "data.global_batch_size=4", "data.num_workers=0",
         f"run.dir={run_dir}", f"init.autoencoder={workdir / 'autoencoder.pt'}", f"init.labeller={workdir / 'vqvae.pt'}",
         f"train.max_steps={steps + 1}", f"train.mixed_precision={precision}",
         "logging.every=1", "checkpoint.every=1000000", 'lpips.backbone_weights="random"',

@@ -89,7 +89,7 @@ def test_only_the_generator_and_discriminator_train(workspace):
     assert set(last["optimizers"]) == {"generator", "discriminator"}  # no quantile optimizer when frozen
     moved = [n for n, w in last["models"]["discriminator"].items() if not torch.equal(w, first["models"]["discriminator"][n])]
     assert moved
-    for tag in ("train/generator_loss", "train/discriminator_loss", "disc/real_accuracy", "disc/fake_accuracy", "optim/disc_grad_norm", "train/rounded_bpp"):
+    for tag in ("train/generator_loss", "train/discriminator_loss", "disc/real_accuracy", "disc/fake_accuracy", "optim/disc_grad_norm", "train/quantized_total_bpp"):
         assert len(scalars(workspace / "plain", tag)) == 2, tag
 
 
@@ -130,7 +130,7 @@ def test_trainable_bottleneck_gets_the_quantile_optimizer(workspace):
 def test_bf16_run(workspace):
     nets = stage2(workspace, "bf16", "train.max_steps=2", "train.mixed_precision=bf16")
     assert all(torch.isfinite(p).all() for p in nets.parameters())
-    assert all(map(torch.isfinite, map(torch.tensor, scalars(workspace / "bf16", "train/loss"))))
+    assert all(map(torch.isfinite, map(torch.tensor, scalars(workspace / "bf16", "train/total_model_loss"))))
 
 
 def test_resume_continues_exactly(workspace):

@@ -4,14 +4,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
-from illm.experiment import PretrainConfig
-from illm.stages.pretrain import cli, train
+from illm.errors import ConfigError
+from illm.experiment import DataSection, PretrainConfig
+from illm.losses import build_distortion
+from illm.optimizer import adamw, lr_schedule
+from illm.stages.pretrain import PretrainParts, build_autoencoder, cli, pretrain_iteration, train
+from illm.training import accumulation_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
@@ -40,9 +46,14 @@ def test_runs_end_to_end_and_logs(tmp_path, folders):
     train(tiny(tmp_path / "run", folders, "train.max_steps=4", "logging.every=2", "logging.val_every=4", "checkpoint.every=4"))
     events = scalars(tmp_path / "run")
     tags = set(events.Tags()["scalars"])
-    for tag in ["train/loss", "train/bpp", "train/rounded_bpp", "rate/target_bpp", "optim/lr", "optim/grad_norm", "perf/images_per_second", "val/psnr", "val/ms_ssim", "val/lpips"]:
+    expected = [
+        "train/total_loss", "train/noisy_total_bpp", "train/quantized_total_bpp", "train/target", "train/lam2",
+        "train/quantile_loss", "train/psnr", "train/mse", "optim/lr", "optim/grad_norm", "perf/images_per_second",
+        "val/psnr", "val/ms_ssim", "val/lpips",
+    ]  # fmt: skip
+    for tag in expected:
         assert tag in tags, tag
-    assert [e.step for e in events.Scalars("train/loss")] == [2, 4]
+    assert [e.step for e in events.Scalars("train/total_loss")] == [2, 4]
     assert {"train/input_vs_reconstruction", "val/input_vs_reconstruction"} <= set(events.Tags()["images"])
     assert (tmp_path / "run" / "config.toml").exists()
     checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")
@@ -66,7 +77,7 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, folders):
     resumed = read_checkpoint(tmp_path / "stopped" / "checkpoints" / "step_00000006.pt")
     for name, tensor in straight["models"]["autoencoder"].items():
         assert torch.equal(tensor, resumed["models"]["autoencoder"][name]), name
-    logged = [e.step for e in scalars(tmp_path / "stopped").Scalars("train/loss")]
+    logged = [e.step for e in scalars(tmp_path / "stopped").Scalars("train/total_loss")]
     assert sorted(set(logged)) == [1, 2, 3, 4, 5, 6]
 
 
@@ -111,3 +122,65 @@ def test_two_processes_keep_identical_parameters(tmp_path, folders):
     for name, tensor in ranks[0]["params"].items():
         assert torch.equal(tensor, ranks[1]["params"][name]), name
     assert "processes: 2" in out
+
+
+# --- the iteration function and the global batch -------------------------------------------------------
+
+
+def iteration_parts(cfg, accelerator):
+    model = build_autoencoder(cfg.model).train()
+    optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
+    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, build_distortion(cfg.distortion, None))
+
+
+def test_grad_norm_is_logged_after_unscaling(tmp_path, folders):
+    """Under fp16 loss scaling the logged norm is that of the true gradients, not the scaled ones."""
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    # On a CPU Accelerate runs fp16 without a loss scaler: install the one it uses on a GPU
+    # (a small scale: the tiny model's fp16 gradients must stay finite for the step to happen).
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    accelerator.native_amp = True
+    cfg = tiny(tmp_path / "run", folders, "train.grad_clip=0")
+    torch.manual_seed(0)
+    parts = iteration_parts(cfg, accelerator)
+    seen = []
+    parts.optimizer.optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append(torch.stack([p.grad.norm() for p in opt.param_groups[0]["params"] if p.grad is not None]).norm())
+    )
+    result = pretrain_iteration(parts, [torch.rand(2, 3, 64, 64)], 0)
+    assert len(seen) == 1 and parts.optimizer.optimizer.state  # the scaled step really stepped
+    assert float(result.logs["optim/grad_norm"]) == pytest.approx(float(seen[0]), rel=1e-5)
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, folders):
+    """Two micro-batches of 2 give the update of one batch of 4 (the global batch is the recipe)."""
+    images = torch.rand(4, 3, 64, 64)
+    cfg = tiny(tmp_path / "run", folders, "rate.lam_above=0", "rate.lam_below=0")  # noise-free loss
+    updated = []
+    for batches in ([images], [images[:2], images[2:]]):
+        AcceleratorState._reset_state()
+        torch.manual_seed(0)
+        parts = iteration_parts(cfg, Accelerator(cpu=True))
+        pretrain_iteration(parts, batches, 0)
+        updated.append(parts.model.decoder.blocks[-1].weight.detach().clone())
+    assert torch.allclose(updated[0], updated[1], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("global_batch", "batch", "processes", "expected"),
+    [(16, 8, 1, 2), (16, 8, 2, 1), (16, 2, 8, 1), (16, 4, 1, 4), (0, 8, 3, 1), (32, 16, 2, 1)],
+)
+def test_accumulation_steps_follow_the_global_batch(global_batch, batch, processes, expected):
+    data = DataSection(batch_size=batch, global_batch_size=global_batch)
+    assert accumulation_steps(data, processes) == expected
+
+
+@pytest.mark.parametrize(("global_batch", "batch", "processes", "hint"), [(16, 8, 8, "divides 2"), (16, 8, 3, "not divisible by 3")])
+def test_impossible_global_batch_is_a_one_line_error(global_batch, batch, processes, hint):
+    with pytest.raises(ConfigError, match="data.global_batch_size") as error:
+        accumulation_steps(DataSection(batch_size=batch, global_batch_size=global_batch), processes)
+    assert hint in str(error.value) and "\n" not in str(error.value)

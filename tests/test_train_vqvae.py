@@ -8,11 +8,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
 from helpers.synthetic import synthetic_images
-from illm import zoo
+from illm import metrics, zoo
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
 from illm.experiment import VQVAEConfig
-from illm.stages.vqvae import cli, train
+from illm.stages.vqvae import build_vqvae, cli, train
+from illm.training import val_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "vqvae.toml"
@@ -52,7 +53,7 @@ def events(run_dir) -> EventAccumulator:
 
 def test_runs_logs_and_gives_labels(tmp_path, folders):
     run = tmp_path / "run"
-    train(tiny(run, folders, "train.max_steps=4", "train.grad_accum_steps=2", "logging.every=2", "logging.val_every=4", "checkpoint.every=4", "loss.lpips_weight=0.5"))
+    train(tiny(run, folders, "train.max_steps=4", "data.global_batch_size=8", "logging.every=2", "logging.val_every=4", "checkpoint.every=4", "loss.lpips_weight=0.5"))
     logged = events(run)
     tags = set(logged.Tags()["scalars"])
     expected = [
@@ -123,9 +124,11 @@ def test_bad_config_is_one_line_error(capsys):
 
 @pytest.mark.slow
 def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
+    synthetic_images(tmp_path / "val3", 3, (64, 64), seed=5)  # odd: Accelerate repeats one on a shard
     overrides = [
         f"run.dir={tmp_path / 'run'}", f"data.train={folders / 'train'}", *FAST, "data.batch_size=2",
         "train.max_steps=3", "logging.every=100", "checkpoint.every=2", "codebook.dead_after=1", "codebook.reseed_every=2",
+        f"data.val={tmp_path / 'val3'}", "data.val_batch_size=1", "logging.val_every=3", "loss.lpips_weight=0",
     ]
     out = launch_two_processes(DDP_TRAIN, "vqvae", str(tmp_path), str(TINY), *overrides)
     assert "processes: 2" in out
@@ -138,3 +141,13 @@ def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
     positions_per_image = (64 // 8) ** 2
     assert int(at_step_2["vqvae"]["bottleneck_op.child.child.codebook_hits_0"].sum()) == 2 * 2 * 2 * positions_per_image
     assert int(at_step_2["codebook_keeper"]["num_seen"]) == 2 * 2 * 2  # batch_size vectors per process and step
+    # Validation counted each of the 3 images once (not Accelerate's repeat): the logged mean
+    # PSNR is the mean over the three, recomputed here in one process from the final weights.
+    final = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
+    cfg = tiny(tmp_path / "unused", folders, *FAST, f"data.val={tmp_path / 'val3'}")
+    vqvae = build_vqvae(cfg.model)
+    vqvae.load_state_dict(final["models"]["vqvae"])
+    images = torch.stack([image for image in val_dataset(cfg.data)])
+    with torch.no_grad():
+        expected = metrics.psnr(vqvae.eval()(images).images.float().clamp(0, 1), images).double().mean().item()
+    assert final["metrics"]["val/psnr"] == pytest.approx(expected, rel=1e-5)
