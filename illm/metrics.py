@@ -78,14 +78,33 @@ def to_255(images: Tensor) -> Tensor:
     return torch.round(images.detach().clamp(0.0, 1.0) * 255.0)
 
 
+def mse_255(x: Tensor, y: Tensor) -> Tensor:
+    """Per-image mean squared error (B,) of the 8-bit-rounded images, on the 0..255 scale (float64)."""
+    squared_error = (to_255(x).double() - to_255(y).double()) ** 2
+    return squared_error.flatten(1).mean(dim=1)
+
+
+def psnr_of_mse(mse: Tensor) -> Tensor:
+    return (10.0 * torch.log10(255.0**2 / mse)).float()
+
+
 def psnr(x: Tensor, y: Tensor) -> Tensor:
     """Per-image PSNR in dB (B,) of the 8-bit-rounded images, data range 255.
 
     Identical images give ``inf``.
     """
-    squared_error = (to_255(x).double() - to_255(y).double()) ** 2
-    mse = squared_error.flatten(1).mean(dim=1)
-    return (10.0 * torch.log10(255.0**2 / mse)).float()
+    return psnr_of_mse(mse_255(x, y))
+
+
+def training_quality(reconstruction: Tensor, images: Tensor) -> dict[str, Tensor]:
+    """What the official training step logs of a batch (`ImageModule.log_quality_metrics`):
+    PSNR and MSE of the whole batch, and the mean per-image MS-SSIM where the images are large
+    enough, all on 8-bit-rounded images."""
+    mse = mse_255(reconstruction, images).mean()
+    quality = {"psnr": psnr_of_mse(mse), "mse": mse.float()}
+    if min(images.shape[-2:]) >= MS_SSIM_MIN_SIDE:
+        quality["ms_ssim"] = ms_ssim(reconstruction.float(), images.float()).mean()
+    return quality
 
 
 def ms_ssim(x: Tensor, y: Tensor) -> Tensor:

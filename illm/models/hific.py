@@ -55,6 +55,7 @@ class AutoencoderOutput:
 
     images: Tensor
     latent: Tensor
+    hyper_latent: Tensor  # noisy in training, rounded in eval
     likelihoods: dict[str, Tensor]
     rounded_likelihoods: dict[str, Tensor]
 
@@ -182,9 +183,13 @@ def _no_autocast(device: torch.device):
 
 
 def _quantize_ste(latent: Tensor, means: Tensor) -> Tensor:
-    """round(latent - means) + means in the forward pass, identity in the backward pass."""
-    rounded = torch.round(latent - means) + means
-    return latent + (rounded - latent).detach()
+    """round(latent - means) + means in the forward pass, identity in the backward pass.
+
+    Written as the official model computes it (compressai's `quantize_ste` of the centred
+    latent), so that the float32 values agree to the last bit.
+    """
+    centred = latent - means
+    return (torch.round(centred) - centred).detach() + centred + means
 
 
 def _pad_to_multiple(images: Tensor, multiple: int) -> Tensor:
@@ -311,8 +316,10 @@ class HiFiCAutoencoder(nn.Module):
         with _no_autocast(hyper.device):
             hyper = hyper.float()
             hyper_hat, hyper_likelihoods = self.hyper_bottleneck(hyper)
+            # As in the official model, the rounded likelihoods are those of the noisy hyper-latent
+            # rounded around the medians (identical to the clean one's in eval mode).
             with torch.no_grad():
-                _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper, training=False)
+                _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper_hat, training=False)
         means = self.hyper_synthesis_mean(hyper_hat)
         scales = self.hyper_synthesis_scale(hyper_hat)
         with _no_autocast(latent.device):
@@ -327,6 +334,7 @@ class HiFiCAutoencoder(nn.Module):
         return AutoencoderOutput(
             images=self.decoder(latent_hat),
             latent=latent_hat,
+            hyper_latent=hyper_hat,
             likelihoods={"latent": latent_likelihoods, "hyper": hyper_likelihoods},
             rounded_likelihoods={"latent": latent_rounded_likelihoods, "hyper": hyper_rounded_likelihoods},
         )
