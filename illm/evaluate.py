@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import re
@@ -304,9 +305,12 @@ def _cell(value) -> str:
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
-    lines = [",".join(columns)]
-    lines += [",".join(_cell(row.get(column)) for column in columns) for row in rows]
-    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    """The rows as CSV, quoted where needed (model and image names come from file names)."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows([_cell(row.get(column)) for column in columns] for row in rows)
+    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def read_official_results(path: Path = OFFICIAL_RESULTS) -> list[dict]:

@@ -147,3 +147,9 @@ def test_official_results_are_shipped_with_the_official_columns():
     assert {(row["model"], row["dataset"]) for row in rows} >= {("MS-ILLM", "kodak"), ("No-GAN", "div2k")}
     assert list(rows[0]) == list(evaluate.RESULT_COLUMNS)
     assert all(row["fid"] is None for row in rows if row["dataset"] == "kodak")
+
+
+def test_csv_cells_with_commas_and_quotes_read_back_unchanged(tmp_path):
+    rows = [{"model": 'run "a", step 3', "psnr": 21.5}, {"model": "plain", "psnr": None}]
+    evaluate.write_csv(tmp_path / "results.csv", ("model", "psnr"), rows)
+    assert read_csv(tmp_path / "results.csv") == [{"model": 'run "a", step 3', "psnr": "21.5"}, {"model": "plain", "psnr": ""}]
