@@ -51,6 +51,9 @@ OFFICIAL_WEIGHTS = {
     "vqvae_xcit_p8_ch64_cb1024_h8": f"{OFFICIAL_URL}vqvae_xcit_p8_ch64_cb1024_h8.ckpt",
 }
 
+# torch.hub names of the official repository (hubconf.py) that differ from the file names above.
+OFFICIAL_ALIASES = {"msillm_vqvae_xcit_p8_ch64_cb1024_h8": "vqvae_xcit_p8_ch64_cb1024_h8"}
+
 LICENSE_NOTICE = (
     "illm: the official MS-ILLM weights (facebookresearch/NeuralCompression) are licensed under "
     "CC-BY-NC 4.0, for non-commercial use only: https://creativecommons.org/licenses/by-nc/4.0/"
@@ -163,6 +166,8 @@ def official_path(name: str) -> Path:
 
 def _resolve(source: str | Path, kind: str) -> Path:
     """The checkpoint file that ``source`` names: download, run-folder lookup or the path itself."""
+    if isinstance(source, str):
+        source = OFFICIAL_ALIASES.get(source, source)
     if isinstance(source, str) and source in OFFICIAL_WEIGHTS:
         official_kind = "vqvae" if source.startswith("vqvae") else "autoencoder"
         if official_kind != kind:

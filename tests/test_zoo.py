@@ -1,13 +1,18 @@
 """Loading weights: official names (never downloading), state dicts, checkpoints, run folders."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from illm import codec, download, zoo
+from illm.config import load_config
 from illm.errors import IllmError, MissingWeightsError
+from illm.experiment import FinetuneConfig
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
+from illm.stages.finetune import load_labeller
 
 TINY_AUTOENCODER = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
 TINY_VQVAE = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4)
@@ -21,6 +26,8 @@ class NotWeights:
 def tiny_autoencoder(seed: int = 0) -> HiFiCAutoencoder:
     torch.manual_seed(seed)
     return zoo.autoencoder(**TINY_AUTOENCODER)
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:
@@ -90,6 +97,24 @@ def test_official_name_downloads_into_the_hub_cache(offline_hub, monkeypatch):
     assert (offline_hub / "noganms_target_0.07bpp.ckpt").is_file()
     assert same_weights(first, second)
     assert codec.weights_id(first) == codec.weights_id(second)
+
+
+def test_official_torch_hub_labeller_name_loads_the_same_file(offline_hub, monkeypatch):
+    """`msillm_vqvae_xcit_p8_ch64_cb1024_h8` (the official torch.hub name) is our labeller name."""
+    downloads = []
+
+    def fake_download(url, destination, *args, **kwargs):
+        downloads.append(url)
+        torch.manual_seed(0)
+        torch.save(zoo.vqvae(ch=8, ch_mult=(1, 1, 1, 1), embed_dim=8, attention_levels=()).state_dict(), destination)
+
+    monkeypatch.setattr(download, "_fetch", fake_download)
+    by_hub_name = zoo.load("msillm_vqvae_xcit_p8_ch64_cb1024_h8", kind="vqvae")
+    by_our_name = zoo.load("vqvae_xcit_p8_ch64_cb1024_h8", kind="vqvae")
+    assert downloads == [zoo.OFFICIAL_WEIGHTS["vqvae_xcit_p8_ch64_cb1024_h8"]]  # one file, cached
+    assert same_weights(by_hub_name, by_our_name)
+    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune_0.14bpp.toml", ["init.labeller=msillm_vqvae_xcit_p8_ch64_cb1024_h8"])
+    assert same_weights(load_labeller(cfg.init.labeller), by_our_name)
 
 
 def test_official_vqvae_name_is_not_an_autoencoder(offline_hub):
