@@ -251,10 +251,10 @@ def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> Iter
     parts.optimizer.step()
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    step += 1
+    done = step + 1  # iterations done once this one is
 
     # --- codebook upkeep: the same on every process ---
-    parts.keeper.record_hits(share_hits(accelerator, vqvae, hits_before), step)
+    parts.keeper.record_hits(share_hits(accelerator, vqvae, hits_before), done)
     logs = {
         "train/loss": loss,
         **{f"train/{k}": v for k, v in terms.items()},
@@ -263,8 +263,8 @@ def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> Iter
     }
     if cfg.codebook.reseed_dead:
         parts.keeper.remember(accelerator.gather(sample_latents(out.latent, cfg.data.batch_size)))
-        if step % cfg.codebook.reseed_every == 0:
-            logs["codebook/reseeded_codes"] = reseed_dead_codes(vqvae, parts.keeper, step, cfg)
+        if done % cfg.codebook.reseed_every == 0:
+            logs["codebook/reseeded_codes"] = reseed_dead_codes(vqvae, parts.keeper, done, cfg)
     return IterationResult(logs, out, images)
 
 
