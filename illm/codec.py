@@ -17,11 +17,15 @@ ignoring whatever follows. The latent string is decoded from the payload as it i
 string from the payload reversed (which starts with the hyper string in its original order).
 
 A reader checks, before decoding anything: the magic, the version, the CRC (corruption and
-truncation), the image size (bounded by `MAX_SIDE` and `illm.images.MAX_PIXELS`, so a forged
-header cannot request a huge allocation) and a minimum payload size; then `decompress` checks
-the weights id, so that decoding with other weights is an error rather than a garbage image.
-The CRC guards against accidents, not forgery: a payload crafted with a matching CRC reaches
-compressai's decoder, which does no bounds checks of its own.
+truncation), the image size (bounded by `MAX_SIDE` and `illm.images.MAX_PIXELS`) and that the
+payload is whole 32-bit words; then `decompress` checks the weights id (decoding with other
+weights is an error rather than a garbage image), the image size against its ``max_pixels``
+(`DEFAULT_MAX_PIXELS`: the work and memory a header may ask for) and the payload against the
+fewest bytes that any valid file of that size takes (`HiFiCAutoencoder.minimum_payload_bytes`).
+
+The CRC guards against accidents, not forgery. A payload crafted with a matching CRC is decoded
+by `illm.rans`, which never reads outside it and does at most 10 coder steps per symbol: any
+byte string either decodes to some image of the header's size or raises `FormatError`.
 """
 
 import hashlib
@@ -35,6 +39,10 @@ from torch import Tensor, nn
 from illm.errors import FormatError, IllmError, WeightsMismatchError
 from illm.images import MAX_PIXELS
 
+# The largest image `decompress` decodes unless told otherwise: a header is 15 bytes that anyone
+# can write, and decoding costs memory and time in proportion to the size it claims.
+DEFAULT_MAX_PIXELS = 2**26  # 67 megapixels, e.g. 8192 x 8192
+
 MAGIC = b"\x89I"
 VERSION = 1
 MAX_SIDE = 16384
@@ -46,6 +54,7 @@ _CRC = struct.Struct(">I")
 FRAMING_BYTES = _HEADER.size + _CRC.size  # 15: everything in a file but the payload
 # An rANS string holds at least its final 64-bit coder state.
 _MIN_PAYLOAD_BYTES = 2 * 8
+_WORD_BYTES = 4  # rANS strings are made of 32-bit words
 
 
 @dataclass(frozen=True)
@@ -85,12 +94,13 @@ def weights_id(model: nn.Module) -> bytes:
     return digest.digest()[:WEIGHTS_ID_BYTES]
 
 
-def compress(model: nn.Module, image: Tensor, *, model_id: bytes | None = None) -> bytes:
+def compress(model: nn.Module, image: Tensor, *, model_id: bytes | None = None, tile: int | None = None) -> bytes:
     """Compress one image (float ``1 x 3 x H x W`` or ``3 x H x W`` in [0, 1]) into the
     complete bytes of a ``.illm`` file.
 
     ``model`` is a `HiFiCAutoencoder` with built coder tables (as `illm.zoo.load` returns it);
-    ``model_id`` is ``weights_id(model)``, computed here when not given.
+    ``model_id`` is ``weights_id(model)``, computed here when not given. ``tile``: see
+    `illm.tiling.resolve_tile` (None: tiles for large images).
     """
     if image.ndim == 3:
         image = image.unsqueeze(0)
@@ -99,27 +109,47 @@ def compress(model: nn.Module, image: Tensor, *, model_id: bytes | None = None) 
     height, width = image.shape[-2:]
     _check_size(height, width, IllmError)
     model_id = _checked_id(model, model_id)
-    ((latent_string, hyper_string),) = model.compress(image)
+    ((latent_string, hyper_string),) = model.compress(image, tile=tile)
     header = _HEADER.pack(MAGIC, VERSION, model_id, height, width)
     body = header + latent_string + hyper_string[::-1]
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decompress(model: nn.Module, data: bytes, *, model_id: bytes | None = None) -> Tensor:
+def decompress(
+    model: nn.Module,
+    data: bytes,
+    *,
+    model_id: bytes | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    tile: int | None = None,
+) -> Tensor:
     """Decode the bytes of a ``.illm`` file into a float ``1 x 3 x H x W`` image in [0, 1].
 
-    Raises `FormatError` for anything but an intact ``.illm`` file of a known version, and
-    `WeightsMismatchError` when it was made with other weights than ``model``'s.
+    Raises `FormatError` for anything but an intact ``.illm`` file of a known version (forged
+    ones included: see the module's docstring), `WeightsMismatchError` when it was made with
+    other weights than ``model``'s, and `IllmError` when its header asks for more than
+    ``max_pixels`` pixels. ``tile``: see `illm.tiling.resolve_tile`.
     """
     header = read_header(data)
+    if header.height * header.width > max_pixels:
+        raise IllmError(
+            f"the file holds a {header.height}x{header.width} image ({header.height * header.width} pixels), "
+            f"more than the limit of {max_pixels} pixels (raise it with --max-pixels if you trust the file)"
+        )
     model_id = _checked_id(model, model_id)
     if header.weights_id != model_id:
         raise WeightsMismatchError(
             f"the file was compressed with weights {header.weights_id.hex()}, "
             f"but the weights given for decoding are {model_id.hex()}"
         )
+    minimum = model.minimum_payload_bytes(header.height, header.width)
+    if header.payload_size < minimum:
+        raise FormatError(
+            f"invalid .illm file: a payload of {header.payload_size} bytes is too short for a "
+            f"{header.height}x{header.width} image (any valid one takes at least {minimum})"
+        )
     payload = bytes(data[_HEADER.size : -_CRC.size])
-    return model.decompress(payload, payload[::-1], header.height, header.width)
+    return model.decompress(payload, payload[::-1], header.height, header.width, tile=tile)
 
 
 def read_header(data: bytes) -> Header:
@@ -147,6 +177,8 @@ def read_header(data: bytes) -> Header:
     payload_size = len(data) - FRAMING_BYTES
     if payload_size < _MIN_PAYLOAD_BYTES:
         raise FormatError(f"invalid .illm file: payload of {payload_size} bytes, too short for two coded strings")
+    if payload_size % _WORD_BYTES:
+        raise FormatError(f"invalid .illm file: payload of {payload_size} bytes, not a whole number of 32-bit words")
     return Header(
         version=version,
         weights_id=file_weights_id,

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from illm import rans, tiling
 from illm.errors import IllmError
 from illm.models._compressai import EntropyBottleneck, GaussianConditional
 from illm.models.layers import ChannelNorm2d, load_strict
@@ -123,9 +124,16 @@ class HiFiCGenerator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, latent: Tensor) -> Tensor:
+        return self.head(self.trunk(latent))
+
+    def trunk(self, latent: Tensor) -> Tensor:
+        """The part at latent resolution: the norm and conv block and the residual blocks."""
         x = self.block_0(latent)
-        x = x + self.resid_blocks(x)
-        return self.blocks(x)
+        return x + self.resid_blocks(x)
+
+    def head(self, features: Tensor) -> Tensor:
+        """The upsampling part: from the trunk's features to the image."""
+        return self.blocks(features)
 
 
 def _hyper_analysis(latent_channels: int, hyper_channels: int) -> nn.Sequential:
@@ -227,16 +235,33 @@ class _EntropyCoder:
     def encode(self, latent: Tensor) -> tuple[list[bytes], list[bytes]]:
         hyper = self.hyper_analysis(latent)
         hyper_strings = self.hyper_bottleneck.compress(hyper)
-        indexes, means = self._indexes_and_means(hyper_strings, tuple(hyper.shape[-2:]))
-        latent_strings = self.latent_bottleneck.compress(latent, indexes, means=means)
+        latent_strings = []
+        for index, hyper_string in enumerate(hyper_strings):
+            indexes, means = self._indexes_and_means(hyper_string, tuple(hyper.shape[-2:]))
+            latent_strings += self.latent_bottleneck.compress(latent[index : index + 1], indexes, means=means)
         return latent_strings, hyper_strings
 
-    def decode(self, latent_strings: list[bytes], hyper_strings: list[bytes], hyper_size: tuple[int, int]) -> Tensor:
-        indexes, means = self._indexes_and_means(hyper_strings, hyper_size)
-        return self.latent_bottleneck.decompress(latent_strings, indexes, means=means)
+    def decode(self, latent_string: bytes, hyper_string: bytes, hyper_size: tuple[int, int]) -> Tensor:
+        """The latent the two strings code. Any bytes decode or raise `FormatError`: the strings
+        are read by `illm.rans`, which checks every read and bounds every escape."""
+        indexes, means = self._indexes_and_means(hyper_string, hyper_size)
+        symbols = rans.decode(latent_string, indexes, rans.CoderTables(self.latent_bottleneck))
+        return self.latent_bottleneck.dequantize(symbols, means)
 
-    def _indexes_and_means(self, hyper_strings: list[bytes], hyper_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
-        hyper = self.hyper_bottleneck.decompress(hyper_strings, hyper_size)
+    def minimum_payload_bytes(self, hyper_size: tuple[int, int]) -> int:
+        """The fewest bytes that a latent string and a hyper string for ``hyper_size`` can take
+        together: every symbol coded with the most probable symbol of the most favourable table."""
+        pixels = hyper_size[0] * hyper_size[1]
+        hyper_bits = pixels * sum(rans.CoderTables(self.hyper_bottleneck).minimum_bits())
+        latent_symbols = pixels * 16 * self.hyper_synthesis_mean[-1].out_channels
+        latent_bits = latent_symbols * min(rans.CoderTables(self.latent_bottleneck).minimum_bits())
+        return rans.minimum_string_bytes(hyper_bits) + rans.minimum_string_bytes(latent_bits)
+
+    def _indexes_and_means(self, hyper_string: bytes, hyper_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        bottleneck = self.hyper_bottleneck
+        indexes = bottleneck._build_indexes((1, bottleneck._quantized_cdf.size(0), *hyper_size))
+        symbols = rans.decode(hyper_string, indexes, rans.CoderTables(bottleneck))
+        hyper = bottleneck.dequantize(symbols, bottleneck._extend_ndims(bottleneck._get_medians().detach(), 2))
         scales = self.hyper_synthesis_scale(hyper)
         return self.latent_bottleneck.build_indexes(scales), self.hyper_synthesis_mean(hyper)
 
@@ -340,31 +365,49 @@ class HiFiCAutoencoder(nn.Module):
         )
 
     @torch.no_grad()
-    def compress(self, images: Tensor) -> list[tuple[bytes, bytes]]:
-        """(latent string, hyper string) for each image of a B x 3 x H x W batch in [0, 1], any size."""
+    def compress(self, images: Tensor, tile: int | None = None) -> list[tuple[bytes, bytes]]:
+        """(latent string, hyper string) for each image of a B x 3 x H x W batch in [0, 1], any size.
+
+        The encoder runs in tiles of ``tile`` pixels (`illm.tiling.resolve_tile`: None picks by
+        image size, 0 never tiles); the strings do not depend on it, but for latent values within
+        float rounding of a quantization boundary.
+        """
         self._check_images(images, need_multiple=False)
-        encoder_weight = self.encoder.blocks[0][0].weight
-        padded = _pad_to_multiple(images.to(encoder_weight), self.pad_multiple)
-        latent = self.encoder(padded).to("cpu", torch.float32)
+        tile = tiling.resolve_tile(tile, *images.shape[-2:])
+        padded = _pad_to_multiple(images, self.pad_multiple)
+        latent = tiling.encode(self.encoder, padded, tile)
         with _no_autocast(latent.device):
             latent_strings, hyper_strings = self._entropy_coder().encode(latent)
         return list(zip(latent_strings, hyper_strings))
 
     @torch.no_grad()
-    def decompress(self, latent_string: bytes, hyper_string: bytes, height: int, width: int) -> Tensor:
-        """The 1 x 3 x height x width image in [0, 1] that `compress` encoded into the two strings."""
+    def decompress(
+        self, latent_string: bytes, hyper_string: bytes, height: int, width: int, tile: int | None = None
+    ) -> Tensor:
+        """The 1 x 3 x height x width image in [0, 1] that `compress` encoded into the two strings.
+
+        The generator runs in tiles of ``tile`` pixels, as in `compress`. Any bytes either decode
+        or raise `FormatError` (see `illm.rans`); the caller bounds height and width.
+        """
         for name, value in (("latent_string", latent_string), ("hyper_string", hyper_string)):
             if not isinstance(value, bytes):
                 raise IllmError(f"{name} must be bytes, got {type(value).__name__}")
         for name, value in (("height", height), ("width", width)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise IllmError(f"image {name} must be a positive integer, got {value!r}")
-        hyper_size = (-(-height // self.pad_multiple), -(-width // self.pad_multiple))
+        tile = tiling.resolve_tile(tile, height, width)
         with _no_autocast(torch.device("cpu")):
-            latent = self._entropy_coder().decode([latent_string], [hyper_string], hyper_size)
-        generator_weight = self.decoder.blocks[-1].weight
-        images = self.decoder(latent.to(generator_weight)).float()
+            latent = self._entropy_coder().decode(latent_string, hyper_string, self.hyper_size(height, width))
+        images = tiling.generate(self.decoder, latent, tile)
         return images[:, :, :height, :width].clamp(0.0, 1.0)
+
+    def hyper_size(self, height: int, width: int) -> tuple[int, int]:
+        """The hyper-latent's height and width for an image of ``height`` x ``width``."""
+        return -(-height // self.pad_multiple), -(-width // self.pad_multiple)
+
+    def minimum_payload_bytes(self, height: int, width: int) -> int:
+        """A lower bound on the payload of any valid file of this size (see `illm.rans`)."""
+        return self._entropy_coder().minimum_payload_bytes(self.hyper_size(height, width))
 
     def set_precision(self, precision: str) -> HiFiCAutoencoder:
         """Run the encoder and the generator in ``precision`` ("fp32" or "bf16"), for coding.
