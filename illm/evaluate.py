@@ -1,7 +1,7 @@
 """Evaluate autoencoders as the MS-ILLM paper does: real bitstreams, then distortion and realism.
 
     python scripts/evaluate.py --weights W [--weights W2 ...] \\
-        --data kodak=DIR clic2020=DIR div2k=DIR -o results/ [--device cuda] [--fid-swav]
+        --data kodak=DIR clic2020=DIR div2k=DIR -o results/ [--device cuda] [--precision bf16] [--fid-swav]
 
 ``W`` is an official name (``msillm_quality_3``), an exported weights file, a training
 checkpoint or a training run folder (anything ``illm.zoo.load`` takes). Every image is
@@ -64,6 +64,7 @@ class Settings:
     output: Path
     device: torch.device
     metrics: tuple[str, ...]
+    precision: str = "fp32"  # of the encoder and generator (see HiFiCAutoencoder.set_precision)
     random_backbones: bool = False
     save_bitstreams: bool = False
     save_reconstructions: bool = False
@@ -95,6 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("-o", "--output", default="results", type=Path, help="output folder (default: results)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="precision of the encoder and generator; entropy coding stays float32 (default: fp32)")
     parser.add_argument("--metrics", metavar="LIST",
                         help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: {','.join(DEFAULT_METRICS)})")
     parser.add_argument("--fid-swav", action="store_true", help="also compute FID with the SwAV ResNet-50 backbone")
@@ -169,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             output=args.output,
             device=parse_device(args.device),
             metrics=parse_metrics(args.metrics, args.fid_swav),
+            precision=args.precision,
             random_backbones=args.random_backbones,
             save_bitstreams=args.save_bitstreams,
             save_reconstructions=args.save_reconstructions,
@@ -203,8 +207,7 @@ def evaluate(models: dict[str, str], datasets: dict[str, list[Path]], settings: 
     report = Report()
     reported_reasons: set[tuple[str, str]] = set()
     for name, source in models.items():
-        model = zoo.load(source, kind="autoencoder", device=settings.device)
-        model_id = codec.weights_id(model)
+        model, model_id = zoo.load_for_coding(source, settings.device, settings.precision)
         label = name + RANDOM_LABEL if settings.random_backbones else name
         for dataset, paths in datasets.items():
             metrics = ImageMetrics(dataset_metrics(dataset, settings.metrics), settings.device, settings.random_backbones)
@@ -293,6 +296,7 @@ def write_report(report: Report, settings: Settings) -> None:
         "random_backbones": settings.random_backbones,
         "comparable_to_official": not settings.random_backbones,
         "device": str(settings.device),
+        "precision": settings.precision,
         "missing": report.missing,
     }
     atomic_write_bytes(settings.output / "evaluation.json", json.dumps(summary, indent=2).encode())
