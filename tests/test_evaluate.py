@@ -54,6 +54,7 @@ def run(tiny_weights, datasets, output, *extra):
     return evaluate.main(["--weights", str(tiny_weights), "--data", *data, "-o", str(output), "--device", "cpu", *extra])
 
 
+@pytest.mark.slow  # FID Inception-v3 on every patch: half a minute on two cores
 def test_evaluation_writes_results_per_image_rows_plots_and_bitstreams(tiny_weights, datasets, tmp_path, offline, fast_fid):
     output = tmp_path / "results"
     status = run(tiny_weights, datasets, output, "--random-backbones", "--save-bitstreams", "--save-reconstructions")
