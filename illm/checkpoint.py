@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,53 @@ def resolve_checkpoint(source: str | Path) -> Path:
             raise IllmError(f"{source}: a folder without checkpoints (expected {expected})")
         return latest
     return source
+
+
+def resume_point(run_dir: str | Path, resume_from: str | Path = "") -> Path | None:
+    """The checkpoint that a resumed run continues from: ``resume_from`` when given (the config
+    key `run.resume_from`), else the run's latest step checkpoint, or None when there is none.
+
+    A damaged latest checkpoint (truncated by a full disk, or by a copy made outside our atomic
+    writes) is refused with a one-line error that names the last intact one and the two ways to
+    continue: `run.resume_from=<it>`, or moving the damaged file aside. Nothing is deleted.
+    """
+    if resume_from:
+        path = Path(resume_from)
+        if not path.is_file():
+            raise IllmError(f"run.resume_from={path}: no such checkpoint file")
+        damage = _damage(path)
+        if damage:
+            raise IllmError(f"run.resume_from={path}: unreadable checkpoint ({damage})")
+        return path
+    checkpoints = step_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    latest = checkpoints[-1]
+    damage = _damage(latest)
+    if not damage:
+        return latest
+    intact = next((path for path in reversed(checkpoints[:-1]) if not _damage(path)), None)
+    if intact is None:
+        raise IllmError(
+            f"{latest}: unreadable checkpoint ({damage}), and no intact one before it; "
+            f"move it aside to start over (run.overwrite=true moves the whole run folder aside)"
+        )
+    raise IllmError(
+        f"{latest}: unreadable checkpoint ({damage}); the last intact one is {intact}: continue from it "
+        f"with run.resume_from={intact}, or move {latest.name} out of {latest.parent} (nothing was deleted)"
+    )
+
+
+def _damage(path: Path) -> str:
+    """Why ``path`` is not an intact checkpoint file, or "" when it is: `torch.save` writes a zip
+    archive, whose directory sits at the end (truncation) and whose records carry CRCs (every
+    byte is read to check them, without unpickling anything)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as error:
+        return one_line(error)
+    return f"CRC mismatch in {bad}" if bad else ""
 
 
 # --- random number generator state ------------------------------------------------------------------
@@ -179,7 +227,7 @@ def prepare_run_dir(run_dir: str | Path, config_toml: str, resume: bool, overwri
 
 
 # Keys that may change between the starts of one run without making it another experiment.
-RESUMABLE_CHANGES = {"train.max_steps", "run.resume", "run.overwrite", "data.num_workers", "checkpoint.every", "logging.every", "logging.val_every"}
+RESUMABLE_CHANGES = {"train.max_steps", "run.resume", "run.resume_from", "run.overwrite", "data.num_workers", "checkpoint.every", "logging.every", "logging.val_every"}
 
 
 def _config_differences(old_toml: str, new_toml: str) -> list[str]:

@@ -34,6 +34,9 @@ class RunSection:
     seed: int = doc_field(18, "Seed of every random number generator (offset by process index).")
     resume: bool = doc_field(False, "Continue the run in `run.dir` even if its config differs (same config resumes anyway).")
     overwrite: bool = doc_field(False, "Start over in a `run.dir` that holds another run; its files are moved aside, not deleted.")
+    resume_from: str = doc_field(
+        "", "Resume from this checkpoint file instead of the run's latest (e.g. when the latest is damaged)."
+    )
 
 
 @dataclass

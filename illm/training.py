@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from illm import config as config_io
 from illm import metrics
-from illm.checkpoint import CheckpointManager, prepare_run_dir, read_checkpoint, rng_state, set_rng_state
+from illm.checkpoint import CheckpointManager, prepare_run_dir, read_checkpoint, resume_point, rng_state, set_rng_state
 from illm.data import ImageFolder, make_loader, train_transform, val_transform
 from illm.errors import ConfigError, IllmError
 from illm.files import atomic_write_bytes
@@ -85,7 +85,7 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     resuming = prepare_run_dir(run_dir, config_toml, config.run.resume, config.run.overwrite, move=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     checkpoints = CheckpointManager(run_dir, config.checkpoint.keep_last, config.checkpoint.best_metric, config.checkpoint.best_mode)
-    resume_from = checkpoints.latest() if resuming else None
+    resume_from = resume_point(run_dir, config.run.resume_from) if resuming or config.run.resume_from else None
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
