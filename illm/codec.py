@@ -84,7 +84,8 @@ def weights_id(model: nn.Module) -> bytes:
 
     Computed from CPU bytes, so it is the same on any device. It costs one pass over the
     weights (about 1 s for the full-size autoencoder on a CPU core): compute it once and pass
-    it to `compress`/`decompress` when coding many images with the same weights.
+    it to `compress`/`decompress` when coding many images with the same weights
+    (`illm.zoo.load_for_coding` returns it, remembered per weights file).
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -131,11 +132,7 @@ def decompress(
     ``max_pixels`` pixels. ``tile``: see `illm.tiling.resolve_tile`.
     """
     header = read_header(data)
-    if header.height * header.width > max_pixels:
-        raise IllmError(
-            f"the file holds a {header.height}x{header.width} image ({header.height * header.width} pixels), "
-            f"more than the limit of {max_pixels} pixels (raise it with --max-pixels if you trust the file)"
-        )
+    check_max_pixels(header, max_pixels)
     model_id = _checked_id(model, model_id)
     if header.weights_id != model_id:
         raise WeightsMismatchError(
@@ -190,6 +187,15 @@ def read_header(data: bytes) -> Header:
     )
 
 
+def check_max_pixels(header: Header, max_pixels: int) -> None:
+    """Refuse a header that claims more than ``max_pixels`` pixels (`IllmError`, one line)."""
+    if header.height * header.width > max_pixels:
+        raise IllmError(
+            f"the file holds a {header.height}x{header.width} image ({header.height * header.width} pixels), "
+            f"more than the limit of {max_pixels} pixels (raise it with --max-pixels if you trust the file)"
+        )
+
+
 def _check_size(height: int, width: int, error: type[IllmError]) -> None:
     if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE) or height * width > MAX_PIXELS:
         raise error(
@@ -199,6 +205,12 @@ def _check_size(height: int, width: int, error: type[IllmError]) -> None:
 
 def _checked_id(model: nn.Module, model_id: bytes | None) -> bytes:
     if model_id is None:
+        if any(parameter.dtype != torch.float32 for parameter in model.parameters()):
+            # the id is that of the float32 weights, which a bf16 model no longer holds
+            raise IllmError(
+                "a model with bf16 networks cannot compute its weights id: pass model_id "
+                "(illm.zoo.load_for_coding returns it with the model)"
+            )
         return weights_id(model)
     if not isinstance(model_id, bytes) or len(model_id) != WEIGHTS_ID_BYTES:
         raise IllmError(f"model_id must be the {WEIGHTS_ID_BYTES} bytes of weights_id(model), got {model_id!r}")

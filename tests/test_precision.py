@@ -169,3 +169,15 @@ def test_evaluate_with_bf16_codes_the_same_files_as_fp32_decodes(weights, tmp_pa
             (row,) = csv.DictReader(file)
         psnrs[precision] = float(row["psnr"])
     assert abs(psnrs["bf16"] - psnrs["fp32"]) < 0.1
+
+
+def test_a_bf16_model_needs_the_weights_id_given(models):
+    """Its own weights hash differently from the float32 ones: no silent id of the bf16 copy."""
+    (networks, model_id) = models
+    image = photo("coffee")
+    with pytest.raises(IllmError, match="pass model_id"):
+        codec.compress(networks["bf16"], image)
+    data = codec.compress(networks["bf16"], image, model_id=model_id)
+    with pytest.raises(IllmError, match="pass model_id"):
+        codec.decompress(networks["bf16"], data)
+    assert codec.decompress(networks["fp32"], data).shape == (1, 3, 128, 192)
