@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from illm import codec, images
+from illm import codec, images, tiling
 from illm.errors import IllmError
 from illm.files import atomic_write_bytes
 
@@ -73,9 +73,21 @@ def _parser() -> argparse.ArgumentParser:
             "either way, so files decode the same in both (default: fp32, identical to the official code)",
         )
         command.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+        command.add_argument(
+            "--tile", type=int, metavar="PIXELS",
+            help="run the networks on tiles of this side (a multiple of 16; 0: never tile); memory then "
+            f"follows the tile, not the image (default: {tiling.DEFAULT_TILE} above "
+            f"{tiling.TILE_ABOVE_PIXELS / 2**20:g} MiP, else no tiling); files do not depend on it",
+        )
+        return command
 
     coding_command("compress", _compress, "compress images into .illm files", "image file (PNG, JPEG, WebP, ...)")
-    coding_command("decompress", _decompress, "decompress .illm files into PNG images", ".illm file")
+    decompress = coding_command("decompress", _decompress, "decompress .illm files into PNG images", ".illm file")
+    decompress.add_argument(
+        "--max-pixels", type=int, default=codec.DEFAULT_MAX_PIXELS, metavar="N",
+        help="refuse files whose header claims more pixels than this, before any work "
+        f"(default: {codec.DEFAULT_MAX_PIXELS}, i.e. 8192 x 8192)",
+    )
     info = commands.add_parser("info", help="show the header of .illm files (no weights needed)")
     info.add_argument("files", nargs="+", type=Path, metavar="FILE")
     info.set_defaults(command=_info)
@@ -85,13 +97,14 @@ def _parser() -> argparse.ArgumentParser:
 def _compress(args: argparse.Namespace) -> None:
     _check_device(args.device)
     targets = _plan_outputs(args.inputs, args.output, ".illm", args.force)
+    tiling.resolve_tile(args.tile, 1, 1)
     model, model_id, load_seconds = _load_autoencoder(args.weights, args.device, args.precision)
     start = time.perf_counter()
     total_bytes = total_pixels = 0
     for source, target in _progress(args.inputs, targets, "compressing"):
         image = images.read_image(source)
         with _naming(source):
-            data = codec.compress(model, images.to_float(image), model_id=model_id)
+            data = codec.compress(model, images.to_float(image), model_id=model_id, tile=args.tile)
         atomic_write_bytes(target, data)
         total_bytes += len(data)
         total_pixels += image.shape[-2] * image.shape[-1]
@@ -101,13 +114,17 @@ def _compress(args: argparse.Namespace) -> None:
 def _decompress(args: argparse.Namespace) -> None:
     _check_device(args.device)
     targets = _plan_outputs(args.inputs, args.output, ".png", args.force)
+    tiling.resolve_tile(args.tile, 1, 1)
+    for source in args.inputs:  # a forged or huge header fails here, before the weights load
+        with _naming(source):
+            codec.check_max_pixels(codec.read_header(source.read_bytes()), args.max_pixels)
     model, model_id, load_seconds = _load_autoencoder(args.weights, args.device, args.precision)
     start = time.perf_counter()
     total_bytes = total_pixels = 0
     for source, target in _progress(args.inputs, targets, "decompressing"):
         data = source.read_bytes()
         with _naming(source):
-            image = codec.decompress(model, data, model_id=model_id)
+            image = codec.decompress(model, data, model_id=model_id, max_pixels=args.max_pixels, tile=args.tile)
         images.save_image(target, image)
         total_bytes += len(data)
         total_pixels += image.shape[-2] * image.shape[-1]

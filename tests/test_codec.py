@@ -141,3 +141,35 @@ def test_compress_rejects_bad_shapes(model):
         codec.compress(model, torch.zeros(2, 3, 8, 8))
     with pytest.raises(IllmError, match="1 x 3 x H x W"):
         codec.compress(model, torch.zeros(1, 4, 8, 8))
+
+
+def test_headers_over_max_pixels_are_refused_before_decoding(model, encoded):
+    forged = forge(encoded[:7] + struct.pack(">HH", 9000, 9000) + encoded[11:-4])
+    with pytest.raises(IllmError, match="more than the limit of 67108864 pixels"):
+        codec.decompress(model, forged)
+    with pytest.raises(FormatError, match="too short for a 9000x9000 image"):
+        codec.decompress(model, forged, max_pixels=2**27)
+
+
+def test_payload_far_too_short_for_the_size(model, encoded):
+    minimum = model.minimum_payload_bytes(2000, 2000)
+    assert len(encoded) - codec.FRAMING_BYTES < minimum
+    with pytest.raises(FormatError, match=f"at least {minimum}"):
+        codec.decompress(model, forge(encoded[:7] + struct.pack(">HH", 2000, 2000) + encoded[11:-4]))
+
+
+def test_payload_of_partial_words(model, encoded):
+    with pytest.raises(FormatError, match="not a whole number of 32-bit words"):
+        codec.decompress(model, forge(encoded[:-4] + b"\x00\x00"))
+
+
+def test_cli_refuses_a_huge_header_before_loading_weights(encoded, tmp_path, capsys):
+    from illm.cli import main
+
+    path = tmp_path / "huge.illm"
+    path.write_bytes(forge(encoded[:7] + struct.pack(">HH", 16384, 8192) + encoded[11:-4]))
+    assert main(["decompress", "--weights", str(tmp_path / "no-such-weights.pt"), str(path)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "16384x8192 image" in error and "--max-pixels" in error
+    assert main(["decompress", "--weights", "x", "--tile", "100", str(path)]) == 1
+    assert "multiple of 16" in capsys.readouterr().err
