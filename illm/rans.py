@@ -135,7 +135,9 @@ class _Reader:
         """The value after an escape symbol, as compressai's decoder assembles it (int32)."""
         count = self._nibble()
         if count > _MAX_BYPASS_NIBBLES:
-            raise FormatError(f"invalid .illm file: an escape announces {count} nibbles (at most 8 are valid)")
+            raise FormatError(
+                f"invalid .illm file: an escape announces {count} nibbles (at most 8 are valid)"
+            )
         raw = 0
         for j in range(count):
             raw |= self._nibble() << (_BYPASS_BITS * j)

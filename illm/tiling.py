@@ -55,7 +55,9 @@ def resolve_tile(tile: int | None, height: int, width: int) -> int | None:
     if tile is None:
         return DEFAULT_TILE if height * width > TILE_ABOVE_PIXELS else None
     if isinstance(tile, bool) or not isinstance(tile, int) or tile < 0 or tile % LATENT_STRIDE:
-        raise IllmError(f"tile must be 0 (no tiling) or a positive multiple of {LATENT_STRIDE} pixels, got {tile!r}")
+        raise IllmError(
+            f"tile must be 0 (no tiling) or a positive multiple of {LATENT_STRIDE} pixels, got {tile!r}"
+        )
     return tile or None
 
 
@@ -69,14 +71,18 @@ def encode(encoder: nn.Module, images: Tensor, tile: int | None) -> Tensor:
     ``images`` (B x 3 x H x W, sides multiples of 16) may live anywhere; each crop moves to the
     device and dtype of the encoder's weights.
     """
-    return _tiled(_on_weights_of(encoder, encoder), images, _latent_tile(tile), ENCODER_HALO, LATENT_STRIDE, 1)
+    return _tiled(
+        _on_weights_of(encoder, encoder), images, _latent_tile(tile), ENCODER_HALO, LATENT_STRIDE, 1
+    )
 
 
 def generate(generator: nn.Module, latent: Tensor, tile: int | None) -> Tensor:
     """``generator(latent)`` as float32 on the CPU, the trunk and the head each in tiles."""
     core = _latent_tile(tile)
     trunk_tile = None if core is None else TRUNK_TILE_FACTOR * core
-    features = _tiled(_on_weights_of(generator, generator.trunk), latent, trunk_tile, trunk_halo(generator), 1, 1)
+    features = _tiled(
+        _on_weights_of(generator, generator.trunk), latent, trunk_tile, trunk_halo(generator), 1, 1
+    )
     return _tiled(_on_weights_of(generator, generator.head), features, core, HEAD_HALO, 1, LATENT_STRIDE)
 
 
@@ -94,7 +100,12 @@ def _on_weights_of(network: nn.Module, function: Callable[[Tensor], Tensor]) -> 
 
 
 def _tiled(
-    function: Callable[[Tensor], Tensor], x: Tensor, tile: int | None, halo: int, in_scale: int, out_scale: int
+    function: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tile: int | None,
+    halo: int,
+    in_scale: int,
+    out_scale: int,
 ) -> Tensor:
     """``function`` over tiles of ``x``, on a grid of latent pixels that are ``in_scale`` pixels
     of ``x`` and ``out_scale`` pixels of the output; each tile's crop has ``halo`` more a side."""
@@ -104,7 +115,11 @@ def _tiled(
     out = None
     for row, row_end, crop_row, crop_row_end in _spans(height, tile, halo):
         for col, col_end, crop_col, crop_col_end in _spans(width, tile, halo):
-            crop = x[..., crop_row * in_scale : crop_row_end * in_scale, crop_col * in_scale : crop_col_end * in_scale]
+            crop = x[
+                ...,
+                crop_row * in_scale : crop_row_end * in_scale,
+                crop_col * in_scale : crop_col_end * in_scale,
+            ]
             y = function(crop)
             y = y[
                 ...,

@@ -57,13 +57,26 @@ def child(megapixels: int, mode: str, direction: str, folder: Path, threads: int
     return {"seconds": round(seconds, 1), "peak_gb": round(peak, 2), "model_gb": round(baseline, 2)}
 
 
-def run_child(megapixels: int, mode: str, direction: str, folder: Path, threads: int, limit_gb: float) -> dict:
-    command = [sys.executable, __file__, "--child", str(megapixels), mode, direction, str(folder), str(threads)]
+def run_child(
+    megapixels: int, mode: str, direction: str, folder: Path, threads: int, limit_gb: float
+) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(megapixels),
+        mode,
+        direction,
+        str(folder),
+        str(threads),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     status = Path(f"/proc/{process.pid}/status")
     while process.poll() is None:
         try:
-            rss_kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS"))
+            rss_kb = next(
+                int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmRSS")
+            )
         except (OSError, StopIteration):
             rss_kb = 0
         if rss_kb > limit_gb * 2**20:
@@ -82,7 +95,9 @@ def main() -> None:
         megapixels, mode, direction, folder, threads = sys.argv[2:]
         print(json.dumps(child(int(megapixels), mode, direction, Path(folder), int(threads))))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--megapixels", type=int, nargs="+", default=[2, 8, 33], choices=sorted(FRAMES))
     parser.add_argument("--modes", nargs="+", default=["tiled", "untiled"], choices=["tiled", "untiled"])
     parser.add_argument("--threads", type=int, default=2)
@@ -105,8 +120,12 @@ def main() -> None:
                         cells += ["-", f"failed (exit {result['failed']})"]
                     else:
                         cells += [f"{result['seconds']:.0f}", f"{result['peak_gb']:.1f}"]
-                print(f"| {width}x{height} ({height * width / 1e6:.1f} MP) | {mode} | " + " | ".join(cells) + " |",
-                      flush=True)
+                print(
+                    f"| {width}x{height} ({height * width / 1e6:.1f} MP) | {mode} | "
+                    + " | ".join(cells)
+                    + " |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -67,10 +67,15 @@ def forge(body: bytes) -> bytes:
 def mutants(data: bytes, count: int, seed: int) -> Iterator[tuple[str, bytes]]:
     """``count`` (kind, bytes) mutants of ``data``, the same for the same seed."""
     rng = random.Random(seed)
-    kinds = [_bit_flips, _overwrite, _truncate, _append] + [_forged_payload] * 4 + [_forged_size] * 2 + [
-        _forged_both,
-        _forged_length,
-    ]
+    kinds = (
+        [_bit_flips, _overwrite, _truncate, _append]
+        + [_forged_payload] * 4
+        + [_forged_size] * 2
+        + [
+            _forged_both,
+            _forged_length,
+        ]
+    )
     for _ in range(count):
         kind = rng.choice(kinds)
         yield kind.__name__.strip("_"), kind(rng, data)
@@ -121,7 +126,12 @@ def _forged_payload(rng: random.Random, data: bytes) -> bytes:
 
 
 def _random_size(rng: random.Random, data: bytes) -> bytes:
-    sides = [rng.randint(1, 16384), rng.randint(1, 16384), rng.randint(1, 300), rng.choice([16384, 8192, 4000])]
+    sides = [
+        rng.randint(1, 16384),
+        rng.randint(1, 16384),
+        rng.randint(1, 300),
+        rng.choice([16384, 8192, 4000]),
+    ]
     height, width = rng.choice(sides), rng.choice(sides)
     return data[:7] + struct.pack(">HH", height, width)
 
@@ -165,7 +175,16 @@ def _run_child(
     inputs: Path, log: Path, first: int, time_limit: float, memory_gb: float, max_pixels: int | None
 ) -> list[tuple[str, str]]:
     log.write_text("")
-    command = [sys.executable, __file__, "--child", str(inputs), str(log), str(first), str(memory_gb), str(max_pixels)]
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(inputs),
+        str(log),
+        str(first),
+        str(memory_gb),
+        str(max_pixels),
+    ]
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     results: list[tuple[str, str]] = []
     current, since = None, time.monotonic()
@@ -223,7 +242,9 @@ def _child(inputs: str, log: str, first: str, memory_gb: str, max_pixels: str) -
                 good = image.shape == (1, 3, header.height, header.width) and bool(
                     torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
                 )
-                outcome, detail = ("decoded", "") if good else ("undocumented", f"bad image {tuple(image.shape)}")
+                outcome, detail = (
+                    ("decoded", "") if good else ("undocumented", f"bad image {tuple(image.shape)}")
+                )
             except IllmError as error:
                 outcome, detail = "documented", f"{type(error).__name__}: {error}"
             except Exception as error:  # what the harness is looking for
@@ -240,8 +261,11 @@ def summary(kinds: list[str], results: list[tuple[str, str]]) -> str:
         by_kind[kind][outcome] += 1
     for kind in sorted(by_kind):
         lines.append(f"  {kind:15} " + ", ".join(f"{o} {n}" for o, n in sorted(by_kind[kind].items())))
-    reasons = collections.Counter(detail.split(":")[0] + ": " + detail.split(":", 1)[-1][:60].strip()
-                                  for outcome, detail in results if outcome == "documented")
+    reasons = collections.Counter(
+        detail.split(":")[0] + ": " + detail.split(":", 1)[-1][:60].strip()
+        for outcome, detail in results
+        if outcome == "documented"
+    )
     lines.append("  most common errors:")
     lines += [f"    {n:6} {reason}" for reason, n in reasons.most_common(8)]
     return "\n".join(lines)
@@ -251,18 +275,24 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(*sys.argv[2:])
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mutants", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--time-limit", type=float, default=20.0, help="seconds per mutant")
-    parser.add_argument("--memory-gb", type=float, default=2.0, help="address space per child above the model")
+    parser.add_argument(
+        "--memory-gb", type=float, default=2.0, help="address space per child above the model"
+    )
     args = parser.parse_args()
     start = time.monotonic()
     data = source_file()
     kinds, mutant_bytes = zip(*mutants(data, args.mutants, args.seed))
     results = run(list(mutant_bytes), args.time_limit, args.memory_gb)
-    print(f"{args.mutants} mutants of a {len(data)}-byte file (seed {args.seed}), "
-          f"{time.monotonic() - start:.0f} s")
+    print(
+        f"{args.mutants} mutants of a {len(data)}-byte file (seed {args.seed}), "
+        f"{time.monotonic() - start:.0f} s"
+    )
     print(summary(list(kinds), results))
     failures = [(i, kind, r) for i, (kind, r) in enumerate(zip(kinds, results)) if r[0] in FAILURES]
     for index, kind, (outcome, detail) in failures[:20]:

@@ -26,7 +26,13 @@ def run(tmp_path_factory) -> Path:
 
 def config(run_dir: Path, *overrides: str, data: Path | None = None) -> PretrainConfig:
     data = data or run_dir.parent / "train"
-    base = [f"run.dir={run_dir}", f"data.train={data}", "data.val=''", "checkpoint.every=1", "logging.every=1"]
+    base = [
+        f"run.dir={run_dir}",
+        f"data.train={data}",
+        "data.val=''",
+        "checkpoint.every=1",
+        "logging.every=1",
+    ]
     return load_config(PretrainConfig, TINY, base + list(overrides))
 
 
@@ -71,7 +77,9 @@ def test_resume_from_continues_from_the_given_checkpoint(run, tmp_path):
     (copy / "config.toml").write_text((run / "config.toml").read_text().replace(str(run), str(copy)))
     step(copy, 2).write_bytes(b"PK\x03\x04 cut short")
     train(config(copy, "train.max_steps=2", f"run.resume_from={step(copy, 1)}", data=run.parent / "train"))
-    resumed = read_checkpoint(step(copy, 2))  # step 2 trained again from step 1, written over the damaged file
+    resumed = read_checkpoint(
+        step(copy, 2)
+    )  # step 2 trained again from step 1, written over the damaged file
     assert resumed["step"] == 2
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import tiny_autoencoder
 from illm import codec
 from illm.errors import FormatError, IllmError, WeightsMismatchError
 from illm.images import to_float
 from illm.models.hific import HiFiCAutoencoder
-from conftest import tiny_autoencoder
 
 
 @pytest.fixture(scope="module")

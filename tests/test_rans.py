@@ -3,9 +3,9 @@
 import pytest
 import torch
 
+from conftest import tiny_autoencoder
 from illm import rans
 from illm.errors import FormatError
-from conftest import tiny_autoencoder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ from illm.errors import IllmError
 from illm.models.hific import HiFiCAutoencoder
 
 # The official depth (9 residual blocks) at tiny widths: receptive fields depend on depth only.
-DEEP_TINY = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=9)
+DEEP_TINY = dict(
+    latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=9
+)
 
 
 @pytest.fixture(scope="module")
