@@ -75,5 +75,14 @@ def test_compress_gives_official_bytes_and_decompress_the_official_image(model, 
     assert hyper_string == expected["hyper_string"]
 
     decoded = model.decompress(latent_string, hyper_string, height, width)
-    assert decoded.shape == expected["decompressed"].shape
-    assert torch.equal((decoded * 255).round(), (expected["decompressed"] * 255).round())
+    official = expected["decompressed"]
+    assert decoded.shape == official.shape
+    assert relative_error(decoded, official) < 1e-4
+    # The same 8-bit image, except where the official value lies within the float difference of
+    # a rounding boundary: the generator's convolutions differ in the last bits between CPU
+    # instruction sets (AVX-512 against AVX2 moves values by up to ~1e-5 here).
+    noise = 255 * (decoded - official).abs().max()
+    near_boundary = ((official * 255) % 1 - 0.5).abs() <= noise
+    differs = (decoded * 255).round() != (official * 255).round()
+    assert not (differs & ~near_boundary).any()
+    assert int(differs.sum()) <= 0.001 * official.numel()
