@@ -52,7 +52,9 @@ def cached_file(url: str, description: str, check_hash: bool = False) -> Path:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if expected and not digest.startswith(expected.group(1)):
             path.unlink()
-            raise MissingWeightsError(f"{description} weights downloaded from {url} are corrupt (SHA-256 {digest[:8]})")
+            raise MissingWeightsError(
+                f"{description} weights downloaded from {url} are corrupt (SHA-256 {digest[:8]})"
+            )
     return path
 
 

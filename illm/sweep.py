@@ -156,7 +156,9 @@ def run_with_sweeps(
     points = experiments(sweeps)
     if index is not None:
         if not 0 <= index < len(points):
-            raise ConfigError(f"{INDEX_FLAG} {index}: the sweep has {len(points)} experiments (0 to {len(points) - 1})")
+            raise ConfigError(
+                f"{INDEX_FLAG} {index}: the sweep has {len(points)} experiments (0 to {len(points) - 1})"
+            )
         points, run_experiment = [points[index]], main
     runs = []
     for point in points:

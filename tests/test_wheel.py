@@ -49,7 +49,8 @@ def installed(tmp_path_factory) -> Path:
     environment = root / "venv"
     venv.create(environment, with_pip=False)
     python = environment / "bin" / "python"
-    own_site = Path(run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=root).strip())
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    own_site = Path(run([python, "-c", purelib], cwd=root).strip())
     parent_sites = dict.fromkeys([*site.getsitepackages(), sysconfig.get_paths()["purelib"]])
     (own_site / "test_environment_packages.pth").write_text("\n".join(parent_sites) + "\n")
     run([*pip, "--python", python, "install", "--no-deps", "--no-index", wheel], cwd=root)
@@ -65,8 +66,10 @@ def test_the_installed_cli_answers(installed, tmp_path):
 def test_the_installed_quick_demo_makes_everything_it_announces(installed, tmp_path):
     env = {**os.environ, **OFFLINE, "TORCH_HOME": str(tmp_path / "torch_home"), "OMP_NUM_THREADS": "2"}
     output = tmp_path / "demo"
-    printed = run([installed / "python", "-m", "illm.demo", "--quick", "--output", output], cwd=tmp_path, env=env)
-    made = ["results/results.csv", "results/per_image.csv", "results/rd_held_out.png", "chelsea.illm", "side_by_side.png"]
+    demo = [installed / "python", "-m", "illm.demo", "--quick", "--output", output]
+    printed = run(demo, cwd=tmp_path, env=env)
+    made = ["results/results.csv", "results/per_image.csv", "results/rd_held_out.png"]
+    made += ["chelsea.illm", "side_by_side.png"]
     for name in [*made, "stage1.pt", "stage2.pt"]:
         assert (output / name).exists(), name
         assert str(output / name) in printed or name.startswith("results/"), name
