@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from illm import codec
 from illm.checkpoint import resolve_checkpoint
 from illm.download import cache_path, cached_file
-from illm import codec
 from illm.errors import IllmError, one_line
 from illm.files import atomic_write_bytes
 from illm.models.hific import PRECISIONS, HiFiCAutoencoder
@@ -58,7 +58,6 @@ LICENSE_NOTICE = (
     "illm: the official MS-ILLM weights (facebookresearch/NeuralCompression) are licensed under "
     "CC-BY-NC 4.0, for non-commercial use only: https://creativecommons.org/licenses/by-nc/4.0/"
 )
-
 
 
 class _ModelClasses(Mapping):
@@ -133,7 +132,9 @@ def _load(
     if kind not in MODEL_CLASSES:
         raise IllmError(f"unknown network kind {kind!r}: expected one of {', '.join(MODEL_CLASSES)}")
     if precision not in PRECISIONS or (kind != "autoencoder" and precision != "fp32"):
-        choices = ", ".join(PRECISIONS) if kind == "autoencoder" else "fp32 (precision is for the autoencoder)"
+        choices = ", ".join(PRECISIONS)
+        if kind != "autoencoder":
+            choices = "fp32 (precision is for the autoencoder)"
         raise IllmError(f"unknown precision {precision!r} for {kind} weights: expected {choices}")
     path = _resolve(source, kind)
     file_key = _file_key(path) if with_weights_id else None  # taken before reading: see _remember_weights_id
@@ -278,7 +279,8 @@ def _remember_weights_id(path: Path, file_key: str, model_id: bytes) -> None:
     cache = weights_id_cache_path()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(cache, json.dumps(dict(list(entries.items())[-_WEIGHTS_ID_CACHE_ENTRIES:])).encode())
+        recent = dict(list(entries.items())[-_WEIGHTS_ID_CACHE_ENTRIES:])
+        atomic_write_bytes(cache, json.dumps(recent).encode())
     except OSError:
         pass  # a read-only cache only costs the hash at the next start
 

@@ -75,7 +75,9 @@ class _Stub(types.ModuleType):
     def __getattr__(self, name: str):
         if name.startswith("__"):
             raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *a, **k: None, "__call__": lambda self, *a, **k: None})
+        return type(
+            name, (), {"__init__": lambda self, *a, **k: None, "__call__": lambda self, *a, **k: None}
+        )
 
 
 class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -130,7 +132,8 @@ def check_official_against_golden(path: Path) -> str:
         compressed = model.compress(image)
         decoded = model.decompress(compressed)
     same_bytes = (compressed.latent_strings[0], compressed.hyper_latent_strings[0]) == (
-        expected["latent_string"], expected["hyper_string"]
+        expected["latent_string"],
+        expected["hyper_string"],
     )
     pixels = ((decoded * 255).round() != (expected["decompressed"] * 255).round()).float().mean().item()
     return f"golden strings {'match' if same_bytes else 'DIFFER'}, decoded pixels differing: {pixels:.2%}"
@@ -155,7 +158,9 @@ def in_process(weights: Path, image: torch.Tensor, repeats: int, official_path: 
     jobs = {}
     for name, (model, _) in models.items():
         jobs[f"compress {name}"] = lambda model=model: codec.compress(model, image, model_id=model_id)
-        jobs[f"decompress {name}"] = lambda model=model, name=name: codec.decompress(model, files[name], model_id=model_id)
+        jobs[f"decompress {name}"] = lambda model=model, name=name: codec.decompress(
+            model, files[name], model_id=model_id
+        )
     notes = {}
     if official_path is not None:
         notes["official check"] = check_official_against_golden(official_path)
@@ -174,18 +179,27 @@ def in_process(weights: Path, image: torch.Tensor, repeats: int, official_path: 
         for _ in range(repeats):
             for name, job in jobs.items():
                 seconds[name].append(timed(job))
-    return {"median": {name: statistics.median(values) for name, values in seconds.items()}, "notes": notes,
-            "files": files, "models": models}
+    return {
+        "median": {name: statistics.median(values) for name, values in seconds.items()},
+        "notes": notes,
+        "files": files,
+        "models": models,
+    }
 
 
 def bf16_effect(measured: dict, image: torch.Tensor) -> dict:
     """PSNR between fp32 and bf16 generator outputs of one file; latent values rounded differently."""
     (fp32, model_id), (bf16, _) = measured["models"]["fp32"], measured["models"]["bf16"]
     fp32_file = measured["files"]["fp32"]
-    decoded = {name: codec.decompress(model, fp32_file, model_id=model_id) for name, model in (("fp32", fp32), ("bf16", bf16))}
+    decoded = {
+        name: codec.decompress(model, fp32_file, model_id=model_id)
+        for name, model in (("fp32", fp32), ("bf16", bf16))
+    }
     latents = []
     generate = tiling.generate
-    tiling.generate = lambda generator, latent, tile: latents.append(latent) or generate(generator, latent, tile)
+    tiling.generate = lambda generator, latent, tile: (
+        latents.append(latent) or generate(generator, latent, tile)
+    )
     try:
         for name in ("fp32", "bf16"):
             codec.decompress(fp32, measured["files"][name], model_id=model_id)
@@ -194,7 +208,8 @@ def bf16_effect(measured: dict, image: torch.Tensor) -> dict:
     return {
         "generator PSNR fp32 vs bf16 (dB)": psnr(decoded["fp32"], decoded["bf16"]),
         "reconstruction PSNR fp32 / bf16 against the photo (dB, random weights)": (
-            psnr(decoded["fp32"], image), psnr(decoded["bf16"], image)
+            psnr(decoded["fp32"], image),
+            psnr(decoded["bf16"], image),
         ),
         "latent values the bf16 encoder rounds differently": (latents[0] != latents[1]).float().mean().item(),
     }
@@ -257,7 +272,9 @@ def cli(argv_by_name: dict[str, list[str]], repeats: int, code_path: Path, cache
 
 
 def old_checkout(revision: str, folder: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision], capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", revision], capture_output=True, check=True
+    ).stdout
     target = folder / f"illm-{revision}"
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
         tar.extractall(target, filter="data")
@@ -276,7 +293,10 @@ def main() -> None:
     parser.add_argument("--before", metavar="REV", help="also time the CLI of this older commit")
     parser.add_argument("--skip", nargs="*", default=(), choices=("in-process", "imports", "cli"))
     args = parser.parse_args()
-    print(f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, medians of {args.repeats} alternating runs;")
+    print(
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"medians of {args.repeats} alternating runs;"
+    )
     print("the CPU may be shared: compare the ratios, not the seconds.\n")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -300,7 +320,10 @@ def report_in_process(measured: dict, image: torch.Tensor) -> None:
         line = f"  {operation:<10}  fp32 {fp32:6.2f} s   bf16 {bf16:6.2f} s   bf16/fp32 {bf16 / fp32:5.2f}x"
         official = median.get(f"{operation} official")
         if official:
-            line += f"   official {official:6.2f} s   fp32/official {fp32 / official:5.2f}x   bf16/official {bf16 / official:5.2f}x"
+            line += (
+                f"   official {official:6.2f} s   fp32/official {fp32 / official:5.2f}x"
+                f"   bf16/official {bf16 / official:5.2f}x"
+            )
         print(line)
     for name, value in bf16_effect(measured, image).items():
         shown = " / ".join(f"{v:.2f}" for v in value) if isinstance(value, tuple) else f"{value:.4g}"
@@ -331,8 +354,12 @@ def report_cli(folder: Path, image_path: Path, weights_path: Path, repeats: int,
     timings = cli(variants, repeats, REPO, folder / "cache")
     if before:
         old = old_checkout(before, folder)
-        old_timings = cli({f"{name} @{before}": variants[name] for name in ("compress fp32", "decompress fp32")},
-                          repeats, old, folder / "old_cache")
+        old_timings = cli(
+            {f"{name} @{before}": variants[name] for name in ("compress fp32", "decompress fp32")},
+            repeats,
+            old,
+            folder / "old_cache",
+        )
         timings.update(old_timings)
     print("Command line (fresh python -m illm processes; overhead = wall - coding)")
     for name, timing in timings.items():
@@ -345,8 +372,10 @@ def report_cli(folder: Path, image_path: Path, weights_path: Path, repeats: int,
     if before:
         for operation in ("compress", "decompress"):
             new, old = timings[f"{operation} fp32"], timings[f"{operation} fp32 @{before}"]
-            print(f"  {operation} fp32 overhead now / @{before}: "
-                  f"{(new['wall'] - new['coding']) / (old['wall'] - old['coding']):.2f}x")
+            print(
+                f"  {operation} fp32 overhead now / @{before}: "
+                f"{(new['wall'] - new['coding']) / (old['wall'] - old['coding']):.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import tiny_autoencoder
 from illm import codec, tiling, zoo
 from illm.cli import main
 from illm.errors import IllmError
-from conftest import tiny_autoencoder
 
 PHOTOS = ("astronaut", "coffee", "chelsea")
 MIN_DEVIATION_PSNR = 47.0
@@ -49,7 +49,9 @@ def models(weights, tmp_path_factory):
     """{"fp32": model, "bf16": model} from one weights file, and the weights id."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ILLM_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-        loaded = {precision: zoo.load_for_coding(weights, precision=precision) for precision in ("fp32", "bf16")}
+        loaded = {
+            precision: zoo.load_for_coding(weights, precision=precision) for precision in ("fp32", "bf16")
+        }
     (_, fp32_id), (_, bf16_id) = loaded["fp32"], loaded["bf16"]
     assert fp32_id == bf16_id
     return {precision: model for precision, (model, _) in loaded.items()}, fp32_id
@@ -103,7 +105,9 @@ def test_bf16_end_to_end_psnr_is_within_0_1_db_of_fp32(models, name):
     other side of a rounding boundary: few may change (an untrained generator amplifies each)."""
     (networks, model_id) = models
     image = photo(name)
-    files = {precision: codec.compress(networks[precision], image, model_id=model_id) for precision in networks}
+    files = {
+        precision: codec.compress(networks[precision], image, model_id=model_id) for precision in networks
+    }
     (fp32_latent,), fp32 = decoded_latents(networks["fp32"], files["fp32"], model_id)
     (bf16_latent,), bf16 = decoded_latents(networks["bf16"], files["bf16"], model_id)
     assert (fp32_latent != bf16_latent).float().mean() <= 0.02
@@ -118,7 +122,9 @@ def test_fp32_stays_the_default_and_bit_exact(models, weights):
     image = photo("astronaut")
     data = codec.compress(networks["fp32"], image, model_id=model_id)
     assert data == codec.compress(reference, image)
-    assert torch.equal(codec.decompress(networks["fp32"], data, model_id=model_id), codec.decompress(reference, data))
+    assert torch.equal(
+        codec.decompress(networks["fp32"], data, model_id=model_id), codec.decompress(reference, data)
+    )
 
 
 def test_cli_bf16_round_trip(weights, tmp_path, monkeypatch):
@@ -128,10 +134,17 @@ def test_cli_bf16_round_trip(weights, tmp_path, monkeypatch):
     source = tmp_path / "photo.png"
     Image.fromarray(data.coffee()[64:192, 64:256]).save(source)
     common = ["--weights", str(weights), "--device", "cpu"]
-    assert main(["compress", *common, "--precision", "bf16", str(source), "-o", str(tmp_path / "a.illm")]) == 0
+    assert (
+        main(["compress", *common, "--precision", "bf16", str(source), "-o", str(tmp_path / "a.illm")]) == 0
+    )
     for precision in ("fp32", "bf16"):
         output = tmp_path / f"{precision}.png"
-        assert main(["decompress", *common, "--precision", precision, str(tmp_path / "a.illm"), "-o", str(output)]) == 0
+        assert (
+            main(
+                ["decompress", *common, "--precision", precision, str(tmp_path / "a.illm"), "-o", str(output)]
+            )
+            == 0
+        )
         assert output.is_file()
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from skimage import data
 
-from illm import images
 from conftest import tiny_autoencoder
+from illm import images
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_FOR_CODING = ("torch_geometric", "timm", "scipy.stats", "illm.models.vqvae", "illm.models.discriminator")
@@ -32,7 +32,9 @@ def imported_modules(stderr: str) -> set[str]:
 
 
 def unwanted(modules: set[str]) -> list[str]:
-    return sorted(name for name in modules if any(name == bad or name.startswith(bad + ".") for bad in NOT_FOR_CODING))
+    return sorted(
+        name for name in modules if any(name == bad or name.startswith(bad + ".") for bad in NOT_FOR_CODING)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,15 @@ def test_compress_and_decompress_import_only_what_coding_needs(files):
     for argv in (
         ["compress", *weights, str(files / "photo.png"), "-o", str(files / "photo.illm")],
         ["decompress", *weights, str(files / "photo.illm"), "-o", str(files / "decoded.png")],
-        ["decompress", *weights, "--precision", "bf16", str(files / "photo.illm"), "-o", str(files / "bf16.png")],
+        [
+            "decompress",
+            *weights,
+            "--precision",
+            "bf16",
+            str(files / "photo.illm"),
+            "-o",
+            str(files / "bf16.png"),
+        ],
     ):
         result = run_python("-m", "illm", *argv, cache=files / "cache")
         assert result.returncode == 0, result.stderr[-2000:]
@@ -82,7 +92,10 @@ def test_deferred_compressai_parts_still_import_on_use(files):
         ]
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from skimage import data
 
+from conftest import TINY_AUTOENCODER, tiny_autoencoder
 from illm import codec, images, zoo
 from illm.cli import main
-from conftest import TINY_AUTOENCODER, tiny_autoencoder
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "codec_v1"
 WEIGHTS_ID = codec.weights_id  # uncounted, for the expected values

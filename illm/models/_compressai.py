@@ -23,7 +23,15 @@ import sys
 from types import ModuleType
 
 _COMPRESSAI_SUBPACKAGES = (
-    "datasets", "latent_codecs", "layers", "losses", "models", "optimizers", "registry", "transforms", "zoo"
+    "datasets",
+    "latent_codecs",
+    "layers",
+    "losses",
+    "models",
+    "optimizers",
+    "registry",
+    "transforms",
+    "zoo",
 )
 _DEFERRED = tuple(f"compressai.{name}" for name in _COMPRESSAI_SUBPACKAGES) + ("scipy.stats",)
 _DEFERRED_DURING_IMPORT_ONLY = ("scipy.stats",)
