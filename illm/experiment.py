@@ -96,6 +96,12 @@ class TrainSection:
     max_steps: int = doc_field(1_000_000, "Training iterations (one optimizer step of the model each).", positive)
     grad_clip: float = doc_field(1.0, "Clip the gradient norm of the trained model to this (0 = off).", non_negative)
     mixed_precision: str = doc_field("no", "Autocast precision of the networks; entropy models and the rate loss stay float32.", choices=MIXED_PRECISION)
+    channels_last: bool = doc_field(
+        False, "Run the trained networks on channels-last tensors (faster convolutions); same numbers up to float rounding."
+    )
+    fused_optimizer: bool = doc_field(
+        False, "Use torch's fused AdamW kernel (one pass over all parameters); same numbers up to float rounding."
+    )
 
 
 @dataclass
@@ -225,6 +231,8 @@ class VQVAEConfig:
     def validate(self):
         _check_betas("optim.betas", self.optim.betas)
         _check_schedule(self.optim)
+        if self.train.channels_last:
+            raise ConfigError("key 'train.channels_last': not supported in stage 0 (the XCiT attention reshapes NCHW tensors)")
         levels = len(self.model.ch_mult)
         if any(not 0 <= a < levels for a in self.model.attention_levels):
             raise ConfigError(f"key 'model.attention_levels': entries must be in [0, {levels}), got {self.model.attention_levels}")

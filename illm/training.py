@@ -24,7 +24,14 @@ from tqdm import tqdm
 
 from illm import config as config_io
 from illm import metrics
-from illm.checkpoint import CheckpointManager, prepare_run_dir, read_checkpoint, resume_point, rng_state, set_rng_state
+from illm.checkpoint import (
+    CheckpointManager,
+    prepare_run_dir,
+    read_checkpoint,
+    resume_point,
+    rng_state,
+    set_rng_state,
+)
 from illm.data import ImageFolder, make_loader, train_transform, val_transform
 from illm.errors import ConfigError, IllmError
 from illm.files import atomic_write_bytes
@@ -353,6 +360,9 @@ class IterationResult:
     out: object  # the model forward of the last micro-batch
     images: Tensor  # the images that forward reconstructed
     extras: dict = field(default_factory=dict)  # stage-specific tensors (labels, logits)
+
+    def all_logs(self) -> dict:
+        return {**self.logs, **self.quality()}
 
     def quality(self) -> dict:
         """PSNR, MSE and MS-SSIM of the reconstruction, as the official step logs them (computed

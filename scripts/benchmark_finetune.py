@@ -1,11 +1,11 @@
 """Seconds per stage-2 iteration at full size: the official HiFiC, discriminator and VQ-VAE
 architectures (random weights), batch 4 split 2/2, 256x256 crops, on this machine's device.
 
-    python scripts/benchmark_finetune.py [--steps 5] [--precisions no bf16] [--threads N]
+    python scripts/benchmark_finetune.py [--steps 5] [--variants official fast fast-bf16] [--threads N]
 
 It runs the real stage-2 loop (`illm.stages.finetune.train`, the 0.14 bpp config, MSE + LPIPS
 with an untrained AlexNet, which costs the same as the pretrained one) for a few iterations per
-precision in a temporary folder, and prints the median of the logged `perf/step_seconds`,
+config variant (the released config; channels-last + fused AdamW; that in bf16) in a temporary folder, and prints the median of the logged `perf/step_seconds`,
 leaving out the first (warm-up) iteration.
 """
 
@@ -38,13 +38,20 @@ def step_seconds(run_dir: Path) -> list[float]:
     return [event.value for event in events.Scalars("perf/step_seconds")]
 
 
-def benchmark(workdir: Path, precision: str, steps: int) -> list[float]:
-    """Per-iteration seconds of `steps` timed iterations (after one warm-up) in `precision`."""
-    run_dir = workdir / f"run_{precision}"
+VARIANTS = {
+    "official": [],
+    "fast": ["train.channels_last=true", "train.fused_optimizer=true"],
+    "fast-bf16": ["train.channels_last=true", "train.fused_optimizer=true", 'train.mixed_precision="bf16"'],
+}
+
+
+def benchmark(workdir: Path, variant: str, steps: int) -> list[float]:
+    """Per-iteration seconds of `steps` timed iterations (after one warm-up) of a config variant."""
+    run_dir = workdir / f"run_{variant}"
     overrides = [
         f"data.train={workdir / 'images'}", "data.val=", "data.batch_size=4", "data.global_batch_size=4", "data.num_workers=0",
         f"run.dir={run_dir}", f"init.autoencoder={workdir / 'autoencoder.pt'}", f"init.labeller={workdir / 'vqvae.pt'}",
-        f"train.max_steps={steps + 1}", f"train.mixed_precision={precision}",
+        f"train.max_steps={steps + 1}", *VARIANTS[variant],
         "logging.every=1", "checkpoint.every=1000000", 'lpips.backbone_weights="random"',
     ]
     train(load_config(FinetuneConfig, CONFIG, overrides))
@@ -53,8 +60,8 @@ def benchmark(workdir: Path, precision: str, steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed iterations per precision (after one warm-up)")
-    parser.add_argument("--precisions", nargs="+", default=["no", "bf16"], choices=["no", "bf16"])
+    parser.add_argument("--steps", type=int, default=5, help="timed iterations per variant (after one warm-up)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads:
@@ -67,15 +74,18 @@ def main() -> None:
         torch.manual_seed(0)
         torch.save(HiFiCAutoencoder().state_dict(), workdir / "autoencoder.pt")
         torch.save(VQVAE().state_dict(), workdir / "vqvae.pt")
-        for precision in args.precisions:
-            results[precision] = benchmark(workdir, precision, args.steps)
+        for variant in args.variants:
+            results[variant] = benchmark(workdir, variant, args.steps)
 
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nstage 2, full size, batch 4 (2 compressed + 2 real), 256x256, {device}:")
-    for precision, seconds in results.items():
-        name = "float32" if precision == "no" else precision
-        print(f"  {name:8s} median {statistics.median(seconds):7.2f} s/iteration  (steps: {', '.join(f'{s:.2f}' for s in seconds)})")
-
+    reference = statistics.median(results[args.variants[0]])
+    for variant, seconds in results.items():
+        median = statistics.median(seconds)
+        print(
+            f"  {variant:10s} median {median:7.2f} s/iteration, {median / reference:.2f}x of {args.variants[0]}"
+            f"  (steps: {', '.join(f'{s:.2f}' for s in seconds)}; {' '.join(VARIANTS[variant]) or 'the released config'})"
+        )
 
 if __name__ == "__main__":
     main()

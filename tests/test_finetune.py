@@ -142,6 +142,7 @@ def test_resume_continues_exactly(workspace):
     assert_same(a, b, a)
 
 
+@pytest.mark.slow  # two child processes
 def test_two_values_sweep_makes_two_runs(workspace, capsys):
     finetune.cli([*stage2_args(workspace, "sweep", "train.max_steps=1"), "--sweep", "gan.generator_weight=0.004,0.016"])
     for value in ("0.004", "0.016"):

@@ -15,8 +15,7 @@ from illm.config import load_config
 from illm.errors import ConfigError
 from illm.experiment import DataSection, PretrainConfig
 from illm.losses import build_distortion
-from illm.optimizer import adamw, lr_schedule
-from illm.stages.pretrain import PretrainParts, build_autoencoder, cli, pretrain_iteration, train
+from illm.stages.pretrain import build_autoencoder, build_parts, cli, pretrain_iteration, train
 from illm.training import accumulation_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,12 +127,7 @@ def test_two_processes_keep_identical_parameters(tmp_path, folders):
 
 
 def iteration_parts(cfg, accelerator):
-    model = build_autoencoder(cfg.model).train()
-    optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
-    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, build_distortion(cfg.distortion, None))
+    return build_parts(cfg, accelerator, build_autoencoder(cfg.model).train(), build_distortion(cfg.distortion, None))
 
 
 def test_grad_norm_is_logged_after_unscaling(tmp_path, folders):

@@ -71,6 +71,15 @@ def _upconv_norm_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(upconv, ChannelNorm2d(out_channels), nn.ReLU())
 
 
+class _FusedChannelNorm2d(ChannelNorm2d):
+    """A `ChannelNorm2d` that always takes its fused ``layer_norm`` path, for bf16 coding: on a
+    CPU about 5x faster in bf16 than the separate reductions, with float32 statistics. Not
+    bit-identical to the official operations, which float32 coding keeps."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._fused(x)
+
+
 class HiFiCEncoder(nn.Module):
     """Image -> latent at 1/16 resolution: a 7x7 conv, four stride-2 3x3 convs, a 3x3 conv."""
 
@@ -351,18 +360,26 @@ class HiFiCAutoencoder(nn.Module):
             hyper = hyper.float()
             hyper_hat, hyper_likelihoods = self.hyper_bottleneck(hyper)
             # As in the official model, the rounded likelihoods are those of the noisy hyper-latent
-            # rounded around the medians (identical to the clean one's in eval mode).
-            with torch.no_grad():
-                _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper_hat, training=False)
+            # rounded around the medians. An entropy model in eval mode (frozen in stage 2, or
+            # validation) has rounded already: its likelihoods are those.
+            hyper_rounded_likelihoods = hyper_likelihoods.detach()
+            if self.hyper_bottleneck.training:
+                with torch.no_grad():
+                    _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper_hat, training=False)
         means = self.hyper_synthesis_mean(hyper_hat)
         scales = self.hyper_synthesis_scale(hyper_hat)
         with _no_autocast(latent.device):
-            latent, means, scales = latent.float(), means.float(), scales.float()
+            # compressai draws the training noise with `empty_like`, in memory order: a latent
+            # in channels-last layout would get the same numbers at other positions.
+            latent = latent.float().contiguous()
+            means, scales = means.float(), scales.float()
             latent_hat, latent_likelihoods = self.latent_bottleneck(latent, scales, means=means)
             # As in the official model, the rounded latent is judged by the means and scales of
             # the (noisy in training) hyper-latent that the rate loss uses.
-            with torch.no_grad():
-                _, latent_rounded_likelihoods = self.latent_bottleneck(latent, scales, means=means, training=False)
+            latent_rounded_likelihoods = latent_likelihoods.detach()
+            if self.latent_bottleneck.training:
+                with torch.no_grad():
+                    _, latent_rounded_likelihoods = self.latent_bottleneck(latent, scales, means=means, training=False)
         if self.training:
             latent_hat = _quantize_ste(latent, means)
         return AutoencoderOutput(
@@ -423,15 +440,19 @@ class HiFiCAutoencoder(nn.Module):
 
         Only these two: the hyperprior path that turns the latent into bytes and back stays in
         float32 (on the CPU), so the latent a file decodes to does not depend on the precision
-        that wrote or reads it. bf16 weights are kept channels-last, the layout in which CPU
-        bf16 convolutions are fastest. Rounding to bf16 is one-way: load the weights again to
-        get float32 back.
+        that wrote or reads it. In bf16 the weights are kept channels-last, the layout in which
+        CPU bf16 convolutions are fastest, and the channel norms take their fused path.
+        Rounding to bf16 is one-way: load the weights again to get float32 back.
         """
         if precision not in PRECISIONS:
             raise IllmError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        memory_format = torch.preserve_format if precision == "fp32" else torch.channels_last
+        fused = precision == "bf16"
         for network in (self.encoder, self.decoder):
+            memory_format = torch.channels_last if fused else torch.contiguous_format
             network.to(PRECISIONS[precision], memory_format=memory_format)
+            for module in network.modules():
+                if isinstance(module, ChannelNorm2d):  # same parameters, another forward
+                    module.__class__ = _FusedChannelNorm2d if fused else ChannelNorm2d
         return self
 
     @torch.no_grad()

@@ -31,7 +31,15 @@ from illm import zoo
 from illm.config import load_config
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
-from illm.losses import Distortion, build_distortion, build_lpips, discriminator_loss, generator_loss, rate_loss, rate_schedule
+from illm.losses import (
+    Distortion,
+    build_distortion,
+    build_lpips,
+    discriminator_loss,
+    generator_loss,
+    rate_loss,
+    rate_schedule,
+)
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
@@ -182,6 +190,26 @@ class FinetuneParts:
     targets: PatchTargets
 
 
+def build_parts(cfg: FinetuneConfig, accelerator: Accelerator, model: HiFiCAutoencoder, discriminator: nn.Module,
+                distortion: Distortion, targets: PatchTargets) -> FinetuneParts:  # fmt: skip
+    """The optimizers of `cfg` around the (frozen where `freeze` says) autoencoder and the
+    discriminator, prepared for `accelerator`. The quantile optimizer exists only with a
+    trainable bottleneck, and stays unprepared as in stage 1."""
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        discriminator = discriminator.to(memory_format=torch.channels_last)
+    fused = cfg.train.fused_optimizer
+    optim = cfg.optim
+    optimizer = adamw(model.main_parameters(), optim.lr, optim.weight_decay, optim.betas, fused)
+    disc_optimizer = adamw(discriminator.parameters(), optim.disc_lr, optim.disc_weight_decay, optim.disc_betas, fused)
+    aux_optimizer = None
+    if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
+        ignore_in_ddp(model, model.aux_parameters())
+        aux_optimizer = adamw(model.aux_parameters(), optim.aux_lr, optim.aux_weight_decay, fused=fused)
+    model, discriminator, optimizer, disc_optimizer = accelerator.prepare(model, discriminator, optimizer, disc_optimizer)
+    return FinetuneParts(cfg, accelerator, model, discriminator, optimizer, disc_optimizer, aux_optimizer, distortion, targets)
+
+
 def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -> IterationResult:
     """One training iteration (the official `GANCompressionModule.training_step`) on the
     micro-batches `batches`, each split into images to compress and real images as the official
@@ -199,6 +227,8 @@ def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -
     accumulation = len(batches)
     for index, images in enumerate(batches):
         last = index == accumulation - 1
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         model_images, real_images = split_batch(images, cfg.gan.mc_sampling)
         split = real_images is not model_images
         with accelerator.autocast():
@@ -298,18 +328,12 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     discriminator = build_discriminator(cfg.discriminator, num_classes(labeller), latent_channels(model)).to(device)
     targets = PatchTargets(labeller, discriminator.output_factor)
 
-    optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    disc_optimizer = adamw(discriminator.parameters(), cfg.optim.disc_lr, cfg.optim.disc_weight_decay, cfg.optim.disc_betas)
-    aux_optimizer = None
-    if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
-        ignore_in_ddp(model, model.aux_parameters())
-        aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
     distortion = build_distortion(cfg.distortion, lpips).to(device)
     lpips = lpips.to(device) if lpips is not None else None
+    parts = build_parts(cfg, accelerator, model, discriminator, distortion, targets)
+    model, discriminator = parts.model, parts.discriminator
+    optimizer, disc_optimizer, aux_optimizer = parts.optimizer, parts.disc_optimizer, parts.aux_optimizer
     train_loader, val_loader = loaders(run, train_set, val_set)
-    # The quantile optimizer stays unprepared, as in stage 1.
-    model, discriminator, optimizer, disc_optimizer = accelerator.prepare(model, discriminator, optimizer, disc_optimizer)
-    parts = FinetuneParts(cfg, accelerator, model, discriminator, optimizer, disc_optimizer, aux_optimizer, distortion, targets)
     stream = BatchStream(train_loader, accelerator)
     fixed = {
         "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
@@ -339,7 +363,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
         step += 1
         housekeeping.after_iteration(
             step,
-            logs=lambda: {**result.logs, **result.quality()},
+            logs=result.all_logs,
             validate=validate if val_loader is not None else None,
             g=result.logs["train/generator_loss"],
             d=result.logs["train/discriminator_loss"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
@@ -65,6 +66,23 @@ class PretrainParts:
     distortion: Distortion
 
 
+def build_parts(cfg: PretrainConfig, accelerator: Accelerator, model: HiFiCAutoencoder, distortion: Distortion) -> PretrainParts:
+    """The optimizers and LR schedule of `cfg` around `model`, prepared for `accelerator`.
+
+    The quantile optimizer stays unprepared (its loss is never scaled by an fp16 GradScaler) and
+    the quantiles stay out of DDP's gradient sync (`average_gradients` handles them).
+    """
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ignore_in_ddp(model, model.aux_parameters())
+    fused = cfg.train.fused_optimizer
+    optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, fused)
+    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay, fused=fused)
+    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
+
+
 def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -> IterationResult:
     """One training iteration on the micro-batches `batches` (gradients accumulated over them),
     `step` iterations having been done before it."""
@@ -74,6 +92,8 @@ def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -
     lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
     # --- autoencoder update ---
     for index, images in enumerate(batches):
+        if cfg.train.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with sync_context(accelerator, model, index == len(batches) - 1), accelerator.autocast():
             out = model(images)
             distortion, terms = parts.distortion(out.images, images)
@@ -119,17 +139,11 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     accelerator = run.accelerator
     accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
-    model = build_autoencoder(cfg.model)
-    ignore_in_ddp(model, model.aux_parameters())
-    optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
-    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay)
-    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
     distortion = build_distortion(cfg.distortion, lpips).to(accelerator.device)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
+    parts = build_parts(cfg, accelerator, build_autoencoder(cfg.model), distortion)
+    model, optimizer, scheduler, aux_optimizer = parts.model, parts.optimizer, parts.scheduler, parts.aux_optimizer
     train_loader, val_loader = loaders(run, train_set, val_set)
-    # The quantile optimizer stays unprepared: its loss is never scaled by an fp16 GradScaler.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    parts = PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
     stream = BatchStream(train_loader, accelerator)
     fixed = {
         "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
@@ -155,7 +169,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
         step += 1
         housekeeping.after_iteration(
             step,
-            logs=lambda: {**result.logs, **result.quality()},
+            logs=result.all_logs,
             validate=validate if val_loader is not None else None,
             loss=result.logs["train/total_loss"],
             bpp=result.logs["train/quantized_total_bpp"],

@@ -13,6 +13,7 @@ onto latents drawn from that buffer with a generator seeded by the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from torch import Tensor, nn
 from illm import metrics
 from illm.config import load_config
 from illm.experiment import VQVAEConfig
-from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.losses import build_lpips
+from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, lr_schedule
 from illm.training import (
     BatchStream,
@@ -289,7 +290,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     model = build_vqvae(cfg.model)
     keeper = CodebookKeeper(cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size)
     keeper.to(accelerator.device)
-    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas)
+    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.train.fused_optimizer)
     scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
     train_loader, val_loader = loaders(run, train_set, val_set)
@@ -335,7 +336,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
         step += 1
         if "codebook/reseeded_codes" in result.logs:
             run.logger.scalars({"codebook/reseeded_codes": result.logs.pop("codebook/reseeded_codes")}, step)
-        housekeeping.after_iteration(step, logs=lambda: logs(result), validate=validate, loss=result.logs["train/loss"])
+        housekeeping.after_iteration(step, partial(logs, result), validate, loss=result.logs["train/loss"])
     finish_run(run, housekeeping.progress, "vqvae", step)
     return vqvae
 
