@@ -79,8 +79,9 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     `broadcast_buffers=False` stops DDP from copying the main process's buffers to the others
     before every forward (stage 0 keeps per-process codebook hit counters and sums them itself).
     """
-    # One process may run several experiments (sweeps, tests), each with its own precision;
-    # Accelerate keeps the first one's unless its shared state is reset (the process group stays).
+    # One process may run several experiments (the demo's stages, a --sweep-index run, tests), each
+    # with its own precision; Accelerate keeps the first one's unless its shared state is reset
+    # (the process group stays). No public API resets it, hence the private call.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
@@ -130,6 +131,12 @@ def fixed_images(dataset, count: int, crop_size: int) -> torch.Tensor | None:
     plain = ImageFolder(root, val_transform(crop_size))
     images = [img for i in range(min(len(plain), count * 2)) if (img := plain[i]) is not None][:count]
     return torch.stack(images) if images else None
+
+
+def fixed_image_sets(cfg, train_set, val_set) -> dict[str, Tensor | None]:
+    """The fixed training and validation images every stage shows in its TensorBoard grids."""
+    count, size = cfg.logging.num_images, cfg.data.val_crop_size
+    return {"train": fixed_images(train_set, count, size), "val": fixed_images(val_set, count, size)}
 
 
 class BatchStream:

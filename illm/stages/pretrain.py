@@ -28,7 +28,7 @@ from illm.training import (
     average_gradients,
     clip_gradients,
     finish_run,
-    fixed_images,
+    fixed_image_sets,
     ignore_in_ddp,
     loaders,
     micro_batches,
@@ -145,10 +145,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     model, optimizer, scheduler, aux_optimizer = parts.model, parts.optimizer, parts.scheduler, parts.aux_optimizer
     train_loader, val_loader = loaders(run, train_set, val_set)
     stream = BatchStream(train_loader, accelerator)
-    fixed = {
-        "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
-        "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size),
-    }
+    fixed = fixed_image_sets(cfg, train_set, val_set)
 
     housekeeping = Housekeeping(
         run, stream,

@@ -34,7 +34,7 @@ from illm.training import (
     clip_gradients,
     evaluating,
     finish_run,
-    fixed_images,
+    fixed_image_sets,
     loaders,
     micro_batches,
     parse_args,
@@ -298,10 +298,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     vqvae = accelerator.unwrap_model(model)
     stream = BatchStream(train_loader, accelerator)
     parts = VQVAEParts(cfg, accelerator, model, optimizer, scheduler, keeper, lpips)
-    fixed = {
-        "train": fixed_images(train_set, cfg.logging.num_images, cfg.data.val_crop_size),
-        "val": fixed_images(val_set, cfg.logging.num_images, cfg.data.val_crop_size),
-    }
+    fixed = fixed_image_sets(cfg, train_set, val_set)
     palette = label_palette(cfg.model.codebook_size)
 
     housekeeping = Housekeeping(
