@@ -43,8 +43,9 @@ HEAD_HALO = 2
 TRUNK_TILE_FACTOR = 4  # the trunk's tiles are this many times wider than the other stages'
 
 DEFAULT_TILE = 1024  # pixels: the side of a tile's core, for the full-resolution stages
-# Images above this many pixels are coded in tiles unless a tile size is given. Below it, tiling
-# saves little memory (tests and the README's benchmark: scripts/benchmark_tiling.py).
+# Images above this many pixels are coded in tiles unless a tile size is given. Untiled decoding
+# takes about 1.2 GB per megapixel above the weights (scripts/benchmark_tiling.py, README), so
+# this keeps an untiled run under about 5 GB.
 TILE_ABOVE_PIXELS = 4 * 2**20
 
 
