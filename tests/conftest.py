@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "reference" / "golden.pt"
 sys.path.insert(0, str(REPO / "tests" / "reference"))
 os.environ.setdefault("TORCH_HOME", str(REPO / ".pytest_cache" / "torch_home"))
+os.environ.setdefault("ILLM_CACHE_DIR", str(REPO / ".pytest_cache" / "illm_cache"))  # weights ids, not ~/.cache
 
 
 @pytest.fixture(scope="session")
