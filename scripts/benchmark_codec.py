@@ -300,6 +300,7 @@ def main() -> None:
     print("the CPU may be shared: compare the ratios, not the seconds.\n")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
+        os.environ["ILLM_CACHE_DIR"] = str(folder / "cache")  # weights ids of temporary files: not ~/.cache
         image_path, weights_path, image = make_inputs(folder)
         if "in-process" not in args.skip:
             report_in_process(in_process(weights_path, image, args.repeats, args.official_path), image)
