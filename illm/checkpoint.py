@@ -56,7 +56,9 @@ def read_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise IllmError(f"checkpoint not found: {path}") from None
     except Exception as error:  # unpickling errors come in many types
-        raise IllmError(f"{path}: not a readable checkpoint ({type(error).__name__}: {one_line(error)})") from None
+        raise IllmError(
+            f"{path}: not a readable checkpoint ({type(error).__name__}: {one_line(error)})"
+        ) from None
     if not isinstance(checkpoint, dict) or checkpoint.get("illm_checkpoint") != FORMAT_VERSION:
         raise IllmError(f"{path}: not an illm training checkpoint")
     return checkpoint
@@ -153,7 +155,9 @@ def set_rng_state(state: dict) -> None:
 class CheckpointManager:
     """Saves and finds the checkpoints of one run folder. Only the main process writes."""
 
-    def __init__(self, run_dir: str | Path, keep_last: int = 3, best_metric: str = "", best_mode: str = "max"):
+    def __init__(
+        self, run_dir: str | Path, keep_last: int = 3, best_metric: str = "", best_mode: str = "max"
+    ):
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / "checkpoints"
         self.keep_last = keep_last
@@ -194,7 +198,9 @@ class CheckpointManager:
         atomic_write_bytes(record_path, json.dumps(record).encode())
 
 
-def prepare_run_dir(run_dir: str | Path, config_toml: str, resume: bool, overwrite: bool, move: bool = True) -> bool:
+def prepare_run_dir(
+    run_dir: str | Path, config_toml: str, resume: bool, overwrite: bool, move: bool = True
+) -> bool:
     """Check the run folder before any work; returns True when the run resumes.
 
     A folder with checkpoints made by the same config (training length aside) resumes; a
@@ -227,7 +233,16 @@ def prepare_run_dir(run_dir: str | Path, config_toml: str, resume: bool, overwri
 
 
 # Keys that may change between the starts of one run without making it another experiment.
-RESUMABLE_CHANGES = {"train.max_steps", "run.resume", "run.resume_from", "run.overwrite", "data.num_workers", "checkpoint.every", "logging.every", "logging.val_every"}
+RESUMABLE_CHANGES = {
+    "train.max_steps",
+    "run.resume",
+    "run.resume_from",
+    "run.overwrite",
+    "data.num_workers",
+    "checkpoint.every",
+    "logging.every",
+    "logging.val_every",
+}
 
 
 def _config_differences(old_toml: str, new_toml: str) -> list[str]:

@@ -56,35 +56,52 @@ def _parser() -> argparse.ArgumentParser:
         command.set_defaults(command=run)
         command.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=input_help)
         command.add_argument(
-            "--weights", required=True, metavar="W",
+            "--weights",
+            required=True,
+            metavar="W",
             help="official name (e.g. msillm_quality_3), state-dict file, training checkpoint or run folder",
         )
         command.add_argument(
-            "-o", "--output", metavar="OUT",
+            "-o",
+            "--output",
+            metavar="OUT",
             help="output file (one input) or folder (several inputs); default: beside each input",
         )
         command.add_argument(
-            "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+            "--device",
+            choices=("cpu", "cuda"),
+            default="cuda" if torch.cuda.is_available() else "cpu",
             help="where the networks run (default: cuda when available)",
         )
         command.add_argument(
-            "--precision", choices=("fp32", "bf16"), default="fp32",
+            "--precision",
+            choices=("fp32", "bf16"),
+            default="fp32",
             help="precision of the encoder and generator networks; the entropy coding is float32 "
             "either way, so files decode the same in both (default: fp32, identical to the official code)",
         )
         command.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
         command.add_argument(
-            "--tile", type=int, metavar="PIXELS",
+            "--tile",
+            type=int,
+            metavar="PIXELS",
             help="run the networks on tiles of this side (a multiple of 16; 0: never tile); memory then "
             f"follows the tile, not the image (default: {tiling.DEFAULT_TILE} above "
             f"{tiling.TILE_ABOVE_PIXELS / 2**20:g} MiP, else no tiling); files do not depend on it",
         )
         return command
 
-    coding_command("compress", _compress, "compress images into .illm files", "image file (PNG, JPEG, WebP, ...)")
-    decompress = coding_command("decompress", _decompress, "decompress .illm files into PNG images", ".illm file")
+    coding_command(
+        "compress", _compress, "compress images into .illm files", "image file (PNG, JPEG, WebP, ...)"
+    )
+    decompress = coding_command(
+        "decompress", _decompress, "decompress .illm files into PNG images", ".illm file"
+    )
     decompress.add_argument(
-        "--max-pixels", type=int, default=codec.DEFAULT_MAX_PIXELS, metavar="N",
+        "--max-pixels",
+        type=int,
+        default=codec.DEFAULT_MAX_PIXELS,
+        metavar="N",
         help="refuse files whose header claims more pixels than this, before any work "
         f"(default: {codec.DEFAULT_MAX_PIXELS}, i.e. 8192 x 8192)",
     )
@@ -124,11 +141,15 @@ def _decompress(args: argparse.Namespace) -> None:
     for source, target in _progress(args.inputs, targets, "decompressing"):
         data = source.read_bytes()
         with _naming(source):
-            image = codec.decompress(model, data, model_id=model_id, max_pixels=args.max_pixels, tile=args.tile)
+            image = codec.decompress(
+                model, data, model_id=model_id, max_pixels=args.max_pixels, tile=args.tile
+            )
         images.save_image(target, image)
         total_bytes += len(data)
         total_pixels += image.shape[-2] * image.shape[-1]
-    _summary("decompressed", len(targets), total_bytes, total_pixels, time.perf_counter() - start, load_seconds)
+    _summary(
+        "decompressed", len(targets), total_bytes, total_pixels, time.perf_counter() - start, load_seconds
+    )
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -180,7 +201,9 @@ def _plan_outputs(inputs: list[Path], output: str | None, suffix: str, force: bo
 
 def _check_device(device: str) -> None:
     if device == "cuda" and not torch.cuda.is_available():
-        raise IllmError("--device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device cpu")
+        raise IllmError(
+            "--device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device cpu"
+        )
 
 
 def _load_autoencoder(weights: str, device: str, precision: str) -> tuple[torch.nn.Module, bytes, float]:
@@ -195,7 +218,9 @@ def _load_autoencoder(weights: str, device: str, precision: str) -> tuple[torch.
 def _progress(sources: list[Path], targets: list[Path], description: str) -> Iterable[tuple[Path, Path]]:
     pairs = list(zip(sources, targets))
     # disable=None hides the bar when stderr is not a terminal
-    return tqdm(pairs, desc=description, unit="file", file=sys.stderr, disable=True if len(pairs) < 2 else None)
+    return tqdm(
+        pairs, desc=description, unit="file", file=sys.stderr, disable=True if len(pairs) < 2 else None
+    )
 
 
 @contextmanager
@@ -207,7 +232,9 @@ def _naming(path: Path) -> Iterator[None]:
         raise type(error)(f"{path}: {error}") from None
 
 
-def _summary(verb: str, files: int, total_bytes: int, pixels: int, seconds: float, load_seconds: float) -> None:
+def _summary(
+    verb: str, files: int, total_bytes: int, pixels: int, seconds: float, load_seconds: float
+) -> None:
     print(
         f"{verb} {files} file{'s' if files != 1 else ''}: {total_bytes:,} bytes, "
         f"{8 * total_bytes / pixels:.4f} bpp, {seconds:.2f} s (weights loaded in {load_seconds:.2f} s)"

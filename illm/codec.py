@@ -95,7 +95,9 @@ def weights_id(model: nn.Module) -> bytes:
     return digest.digest()[:WEIGHTS_ID_BYTES]
 
 
-def compress(model: nn.Module, image: Tensor, *, model_id: bytes | None = None, tile: int | None = None) -> bytes:
+def compress(
+    model: nn.Module, image: Tensor, *, model_id: bytes | None = None, tile: int | None = None
+) -> bytes:
     """Compress one image (float ``1 x 3 x H x W`` or ``3 x H x W`` in [0, 1]) into the
     complete bytes of a ``.illm`` file.
 
@@ -165,7 +167,9 @@ def read_header(data: bytes) -> Header:
             f"unsupported .illm format version {data[len(MAGIC)]} (this illm reads version {VERSION})"
         )
     if len(data) < FRAMING_BYTES:
-        raise FormatError(f"truncated .illm file: {len(data)} bytes, less than its {FRAMING_BYTES}-byte framing")
+        raise FormatError(
+            f"truncated .illm file: {len(data)} bytes, less than its {FRAMING_BYTES}-byte framing"
+        )
     magic, version, file_weights_id, height, width = _HEADER.unpack_from(data)
     (stored_crc,) = _CRC.unpack_from(data, len(data) - _CRC.size)
     if zlib.crc32(data[: -_CRC.size]) != stored_crc:
@@ -173,9 +177,13 @@ def read_header(data: bytes) -> Header:
     _check_size(height, width, FormatError)
     payload_size = len(data) - FRAMING_BYTES
     if payload_size < _MIN_PAYLOAD_BYTES:
-        raise FormatError(f"invalid .illm file: payload of {payload_size} bytes, too short for two coded strings")
+        raise FormatError(
+            f"invalid .illm file: payload of {payload_size} bytes, too short for two coded strings"
+        )
     if payload_size % _WORD_BYTES:
-        raise FormatError(f"invalid .illm file: payload of {payload_size} bytes, not a whole number of 32-bit words")
+        raise FormatError(
+            f"invalid .illm file: payload of {payload_size} bytes, not a whole number of 32-bit words"
+        )
     return Header(
         version=version,
         weights_id=file_weights_id,
@@ -213,5 +221,7 @@ def _checked_id(model: nn.Module, model_id: bytes | None) -> bytes:
             )
         return weights_id(model)
     if not isinstance(model_id, bytes) or len(model_id) != WEIGHTS_ID_BYTES:
-        raise IllmError(f"model_id must be the {WEIGHTS_ID_BYTES} bytes of weights_id(model), got {model_id!r}")
+        raise IllmError(
+            f"model_id must be the {WEIGHTS_ID_BYTES} bytes of weights_id(model), got {model_id!r}"
+        )
     return model_id

@@ -210,9 +210,7 @@ def _toml_value(value: Any) -> str:
 
 
 def to_dict(config) -> dict[str, dict[str, Any]]:
-    return {
-        f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)
-    }
+    return {f.name: dataclasses.asdict(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
 
 def to_toml(config) -> str:

@@ -176,6 +176,7 @@ def collate_skip_bad(samples: list[Tensor | None]) -> Batch:
 # Transforms (on CxHxW tensors)
 # ----------------------------------------------------------------------------------------------
 
+
 class ReflectPadToSize:
     """Reflect-pad a CxHxW tensor that is smaller than ``size`` so that a ``size`` crop fits.
 

@@ -31,12 +31,24 @@ from illm.stages import finetune, pretrain, vqvae
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"  # package data: works installed too
 MARKER = ".illm-demo"
 # Mostly colour photos: with too many grayscale ones the tiny model learns to drop colour.
-TRAIN_PHOTOS = ["astronaut", "coffee", "hubble_deep_field", "immunohistochemistry", "rocket", "colorwheel", "grass", "gravel"]
+TRAIN_PHOTOS = [
+    "astronaut",
+    "coffee",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
+    "colorwheel",
+    "grass",
+    "gravel",
+]
 HELD_OUT_PHOTOS = ["chelsea", "camera"]
 TILE = 128
 
 # Steps per stage: the full demo, and --quick (for the test suite: proves the wiring only).
-STEPS = {"full": {"vqvae": 300, "pretrain": 2000, "finetune": 300}, "quick": {"vqvae": 2, "pretrain": 2, "finetune": 2}}
+STEPS = {
+    "full": {"vqvae": 300, "pretrain": 2000, "finetune": 300},
+    "quick": {"vqvae": 2, "pretrain": 2, "finetune": 2},
+}
 
 
 def photo(name: str) -> np.ndarray:
@@ -58,7 +70,9 @@ def write_photos(root: Path) -> tuple[Path, Path]:
         array = photo(name)
         for top in range(0, array.shape[0] - TILE + 1, TILE):
             for left in range(0, array.shape[1] - TILE + 1, TILE):
-                Image.fromarray(array[top : top + TILE, left : left + TILE]).save(train / f"{name}_{top}_{left}.png")
+                Image.fromarray(array[top : top + TILE, left : left + TILE]).save(
+                    train / f"{name}_{top}_{left}.png"
+                )
     for name in HELD_OUT_PHOTOS:
         Image.fromarray(photo(name)).save(held_out / f"{name}.png")
     return train, held_out
@@ -84,8 +98,15 @@ def side_by_side(path: Path, original: torch.Tensor, *reconstructions: torch.Ten
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m illm.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=Path("demo_output"), help="folder for everything the demo makes (default: demo_output)")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage: checks the wiring, learns nothing")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("demo_output"),
+        help="folder for everything the demo makes (default: demo_output)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps per stage: checks the wiring, learns nothing"
+    )
     args = parser.parse_args(argv)
     try:
         return run(args.output, STEPS["quick" if args.quick else "full"])
@@ -103,13 +124,57 @@ def run(output: Path, steps: dict[str, int]) -> int:
     data = [f"data.train={train_dir}", f"data.val={held_out}", "data.val_max_images=2"]
 
     print(f"\n== stage 0: VQ-VAE labeller ({steps['vqvae']} steps) ==")
-    vqvae.train(load_config(VQVAEConfig, CONFIGS / "vqvae.toml", [f"run.dir={runs / 'vqvae'}", *data, f"train.max_steps={steps['vqvae']}", f"checkpoint.every={steps['vqvae']}", f"logging.val_every={steps['vqvae']}"]))
+    vqvae.train(
+        load_config(
+            VQVAEConfig,
+            CONFIGS / "vqvae.toml",
+            [
+                f"run.dir={runs / 'vqvae'}",
+                *data,
+                f"train.max_steps={steps['vqvae']}",
+                f"checkpoint.every={steps['vqvae']}",
+                f"logging.val_every={steps['vqvae']}",
+            ],
+        )
+    )
 
     print(f"\n== stage 1: autoencoder, rate + distortion ({steps['pretrain']} steps) ==")
-    pretrain.train(load_config(PretrainConfig, CONFIGS / "pretrain.toml", [f"run.dir={runs / 'pretrain'}", *data, f"train.max_steps={steps['pretrain']}", f"checkpoint.every={steps['pretrain']}", f"logging.val_every={max(1, steps['pretrain'] // 3)}", f"optim.warmup_steps={min(20, steps['pretrain'] // 2)}", f"optim.decay_steps={steps['pretrain'] + 1}", "data.batch_size=8"]))
+    pretrain.train(
+        load_config(
+            PretrainConfig,
+            CONFIGS / "pretrain.toml",
+            [
+                f"run.dir={runs / 'pretrain'}",
+                *data,
+                f"train.max_steps={steps['pretrain']}",
+                f"checkpoint.every={steps['pretrain']}",
+                f"logging.val_every={max(1, steps['pretrain'] // 3)}",
+                f"optim.warmup_steps={min(20, steps['pretrain'] // 2)}",
+                f"optim.decay_steps={steps['pretrain'] + 1}",
+                "data.batch_size=8",
+            ],
+        )
+    )
 
-    print(f"\n== stage 2: MS-ILLM fine-tuning against the VQ-label discriminator ({steps['finetune']} steps) ==")
-    finetune.train(load_config(FinetuneConfig, CONFIGS / "finetune.toml", [f"run.dir={runs / 'finetune'}", f"init.autoencoder={runs / 'pretrain'}", f"init.labeller={runs / 'vqvae'}", *data, f"train.max_steps={steps['finetune']}", f"checkpoint.every={steps['finetune']}", f"logging.val_every={steps['finetune']}", "data.batch_size=8"]))
+    print(
+        f"\n== stage 2: MS-ILLM fine-tuning against the VQ-label discriminator ({steps['finetune']} steps) =="
+    )
+    finetune.train(
+        load_config(
+            FinetuneConfig,
+            CONFIGS / "finetune.toml",
+            [
+                f"run.dir={runs / 'finetune'}",
+                f"init.autoencoder={runs / 'pretrain'}",
+                f"init.labeller={runs / 'vqvae'}",
+                *data,
+                f"train.max_steps={steps['finetune']}",
+                f"checkpoint.every={steps['finetune']}",
+                f"logging.val_every={steps['finetune']}",
+                "data.batch_size=8",
+            ],
+        )
+    )
 
     print("\n== export ==")
     weights = {stage: output / f"{stage}.pt" for stage in ("stage1", "stage2")}
@@ -119,7 +184,19 @@ def run(output: Path, steps: dict[str, int]) -> int:
 
     print("\n== evaluation on the held-out photos ==")
     results = output / "results"
-    evaluate.main(["--weights", str(weights["stage1"]), "--weights", str(weights["stage2"]), "--data", f"held_out={held_out}", "-o", str(results), "--save-reconstructions"])
+    evaluate.main(
+        [
+            "--weights",
+            str(weights["stage1"]),
+            "--weights",
+            str(weights["stage2"]),
+            "--data",
+            f"held_out={held_out}",
+            "-o",
+            str(results),
+            "--save-reconstructions",
+        ]
+    )
 
     print("\n== the illm CLI: compress and decompress one photo ==")
     example = held_out / f"{HELD_OUT_PHOTOS[0]}.png"
@@ -129,7 +206,9 @@ def run(output: Path, steps: dict[str, int]) -> int:
     cli.main(["decompress", "--weights", str(weights["stage2"]), str(compressed), "-o", str(decoded)])
 
     original = images.to_float(images.read_image(example))
-    stage1 = codec.decompress(zoo.load(str(weights["stage1"])), codec.compress(zoo.load(str(weights["stage1"])), original))
+    stage1 = codec.decompress(
+        zoo.load(str(weights["stage1"])), codec.compress(zoo.load(str(weights["stage1"])), original)
+    )
     stage2 = images.to_float(images.read_image(decoded))
     comparison = output / "side_by_side.png"
     side_by_side(comparison, original, stage1, stage2)
@@ -140,9 +219,9 @@ def run(output: Path, steps: dict[str, int]) -> int:
     print(f"""
 == done in {minutes:.1f} min: what the demo made ==
   TensorBoard      {runs}   (open: .venv/bin/tensorboard --logdir {runs})
-  results          {results / 'results.csv'}  and  {results / 'per_image.csv'}
+  results          {results / "results.csv"}  and  {results / "per_image.csv"}
   plots            {results}/*.png
-  weights          {weights['stage1']} (stage 1), {weights['stage2']} (stage 2)
+  weights          {weights["stage1"]} (stage 1), {weights["stage2"]} (stage 2)
   compressed file  {compressed}: {size} bytes, {size * 8 / pixels:.4f} bpp
   side by side     {comparison}   (original | stage 1 | stage 2)
 """)

@@ -47,12 +47,28 @@ from illm.metrics import ALL_METRICS, DEFAULT_METRICS, DISTRIBUTION_METRICS, Ima
 
 RESULT_COLUMNS = ("model", "dataset", "bpp", "fid", "fid_swav", "kid", "lpips", "dists", "ms_ssim", "psnr")
 PER_IMAGE_COLUMNS = (
-    "model", "dataset", "image", "height", "width", "bytes", "bpp",
-    "psnr", "ms_ssim", "lpips", "dists", "encode_seconds", "decode_seconds",
+    "model",
+    "dataset",
+    "image",
+    "height",
+    "width",
+    "bytes",
+    "bpp",
+    "psnr",
+    "ms_ssim",
+    "lpips",
+    "dists",
+    "encode_seconds",
+    "decode_seconds",
 )
 OFFICIAL_RESULTS = Path(__file__).parent / "resources" / "official_results.csv"
 OFFICIAL_CURVES = {"MS-ILLM": "tab:red", "No-GAN": "tab:blue"}
-PLOTTED_METRICS = (("psnr", "PSNR (dB)"), ("ms_ssim", "MS-SSIM"), ("lpips", "LPIPS (AlexNet)"), ("fid", "FID/256"))
+PLOTTED_METRICS = (
+    ("psnr", "PSNR (dB)"),
+    ("ms_ssim", "MS-SSIM"),
+    ("lpips", "LPIPS (AlexNet)"),
+    ("fid", "FID/256"),
+)
 NO_DISTRIBUTION_METRICS = ("kodak",)  # 24 images: too few 256x256 patches for FID/KID
 RANDOM_LABEL = " (random backbones)"
 
@@ -76,7 +92,9 @@ class Report:
 
     results: list[dict] = field(default_factory=list)
     per_image: list[dict] = field(default_factory=list)
-    missing: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)  # model -> dataset -> metric -> reason
+    missing: dict[str, dict[str, dict[str, str]]] = field(
+        default_factory=dict
+    )  # model -> dataset -> metric -> reason
 
 
 # ----------------------------------------------------------------------------------------
@@ -89,23 +107,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="evaluate.py",
         description="Compress every image of each dataset to bytes, decode it, and report rate, distortion and realism.",
     )
-    parser.add_argument("--weights", action="append", required=True, metavar="W",
-                        help="official name, weights file, training checkpoint or run folder (repeatable)")
-    parser.add_argument("--data", nargs="+", required=True, metavar="NAME=DIR",
-                        help="datasets as name=folder, e.g. kodak=data/kodak clic2020=data/clic div2k=data/div2k")
-    parser.add_argument("-o", "--output", default="results", type=Path, help="output folder (default: results)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
-                        help="precision of the encoder and generator; entropy coding stays float32 (default: fp32)")
-    parser.add_argument("--metrics", metavar="LIST",
-                        help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: {','.join(DEFAULT_METRICS)})")
-    parser.add_argument("--fid-swav", action="store_true", help="also compute FID with the SwAV ResNet-50 backbone")
-    parser.add_argument("--random-backbones", action="store_true",
-                        help="randomly initialised metric networks (for tests and demos; values NOT comparable)")
-    parser.add_argument("--save-bitstreams", action="store_true", help="keep the .illm files under OUTPUT/bitstreams")
-    parser.add_argument("--save-reconstructions", action="store_true",
-                        help="keep the decoded PNGs under OUTPUT/reconstructions")
+    parser.add_argument(
+        "--weights",
+        action="append",
+        required=True,
+        metavar="W",
+        help="official name, weights file, training checkpoint or run folder (repeatable)",
+    )
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        metavar="NAME=DIR",
+        help="datasets as name=folder, e.g. kodak=data/kodak clic2020=data/clic div2k=data/div2k",
+    )
+    parser.add_argument(
+        "-o", "--output", default="results", type=Path, help="output folder (default: results)"
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="precision of the encoder and generator; entropy coding stays float32 (default: fp32)",
+    )
+    parser.add_argument(
+        "--metrics",
+        metavar="LIST",
+        help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: {','.join(DEFAULT_METRICS)})",
+    )
+    parser.add_argument(
+        "--fid-swav", action="store_true", help="also compute FID with the SwAV ResNet-50 backbone"
+    )
+    parser.add_argument(
+        "--random-backbones",
+        action="store_true",
+        help="randomly initialised metric networks (for tests and demos; values NOT comparable)",
+    )
+    parser.add_argument(
+        "--save-bitstreams", action="store_true", help="keep the .illm files under OUTPUT/bitstreams"
+    )
+    parser.add_argument(
+        "--save-reconstructions",
+        action="store_true",
+        help="keep the decoded PNGs under OUTPUT/reconstructions",
+    )
     return parser.parse_args(argv)
 
 
@@ -139,7 +189,9 @@ def parse_metrics(spec: str | None, fid_swav: bool) -> tuple[str, ...]:
     names = [name.strip() for name in spec.split(",") if name.strip()] if spec else list(DEFAULT_METRICS)
     unknown = [name for name in names if name not in ALL_METRICS]
     if unknown:
-        raise IllmError(f"--metrics: unknown metric(s) {', '.join(unknown)}; choose from {','.join(ALL_METRICS)}")
+        raise IllmError(
+            f"--metrics: unknown metric(s) {', '.join(unknown)}; choose from {','.join(ALL_METRICS)}"
+        )
     if fid_swav:
         names.append("fid_swav")
     return tuple(name for name in ALL_METRICS if name in names)
@@ -180,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         names = [model_name(source) for source in args.weights]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
-            raise IllmError(f"--weights: several sources are named {', '.join(duplicates)}; rename one of the files")
+            raise IllmError(
+                f"--weights: several sources are named {', '.join(duplicates)}; rename one of the files"
+            )
         if settings.random_backbones:
-            print("warning: --random-backbones: learned metrics use random networks; their values are NOT comparable",
-                  file=sys.stderr)
+            print(
+                "warning: --random-backbones: learned metrics use random networks; their values are NOT "
+                "comparable",
+                file=sys.stderr,
+            )
         report = evaluate(dict(zip(names, args.weights)), datasets, settings)
     except IllmError as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
@@ -210,11 +267,16 @@ def evaluate(models: dict[str, str], datasets: dict[str, list[Path]], settings: 
         model, model_id = zoo.load_for_coding(source, settings.device, settings.precision)
         label = name + RANDOM_LABEL if settings.random_backbones else name
         for dataset, paths in datasets.items():
-            metrics = ImageMetrics(dataset_metrics(dataset, settings.metrics), settings.device, settings.random_backbones)
+            metrics = ImageMetrics(
+                dataset_metrics(dataset, settings.metrics), settings.device, settings.random_backbones
+            )
             progress = tqdm(paths, desc=f"{name} on {dataset}", unit="image", file=sys.stderr)
             rows = [
-                {"model": label, "dataset": dataset,
-                 **evaluate_image(model, model_id, path, metrics, settings, Path(name, dataset))}
+                {
+                    "model": label,
+                    "dataset": dataset,
+                    **evaluate_image(model, model_id, path, metrics, settings, Path(name, dataset)),
+                }
                 for path in progress
             ]
             report.per_image.extend(rows)
@@ -236,7 +298,9 @@ def dataset_metrics(dataset: str, metrics: tuple[str, ...]) -> tuple[str, ...]:
     return metrics
 
 
-def evaluate_image(model, model_id: bytes, path: Path, metrics: ImageMetrics, settings: Settings, subfolder: Path) -> dict:
+def evaluate_image(
+    model, model_id: bytes, path: Path, metrics: ImageMetrics, settings: Settings, subfolder: Path
+) -> dict:
     """Compress one image to bytes, decode them, measure; returns its per-image values.
 
     Saved bitstreams and reconstructions go to ``bitstreams/<subfolder>`` and ``reconstructions/<subfolder>``.
@@ -261,9 +325,13 @@ def evaluate_image(model, model_id: bytes, path: Path, metrics: ImageMetrics, se
         images.save_image(target, reconstruction)
     values = metrics.update(original, reconstruction.unsqueeze(0))
     row = {
-        "image": path.name, "height": height, "width": width,
-        "bytes": len(data), "bpp": len(data) * 8 / (height * width),
-        "encode_seconds": encoded - start, "decode_seconds": finished - encoded,
+        "image": path.name,
+        "height": height,
+        "width": width,
+        "bytes": len(data),
+        "bpp": len(data) * 8 / (height * width),
+        "encode_seconds": encoded - start,
+        "decode_seconds": finished - encoded,
     }
     row.update({metric: value[0] for metric, value in values.items()})
     return row
@@ -276,7 +344,12 @@ def _synchronize(device: torch.device) -> None:
 
 def summarise(label: str, dataset: str, rows: list[dict], values: dict[str, float | None]) -> dict:
     """The results.csv row of one model on one dataset."""
-    return {"model": label, "dataset": dataset, "bpp": math.fsum(r["bpp"] for r in rows) / len(rows), **values}
+    return {
+        "model": label,
+        "dataset": dataset,
+        "bpp": math.fsum(r["bpp"] for r in rows) / len(rows),
+        **values,
+    }
 
 
 # ----------------------------------------------------------------------------------------
@@ -290,7 +363,13 @@ def write_report(report: Report, settings: Settings) -> None:
     write_csv(settings.output / "per_image.csv", PER_IMAGE_COLUMNS, report.per_image)
     official = read_official_results()
     for dataset in dict.fromkeys(row["dataset"] for row in report.results):
-        plot_dataset(settings.output / f"rd_{dataset}.png", dataset, report.results, official, settings.random_backbones)
+        plot_dataset(
+            settings.output / f"rd_{dataset}.png",
+            dataset,
+            report.results,
+            official,
+            settings.random_backbones,
+        )
     summary = {
         "metrics": list(settings.metrics),
         "random_backbones": settings.random_backbones,
@@ -321,12 +400,17 @@ def read_official_results(path: Path = OFFICIAL_RESULTS) -> list[dict]:
     """Rows of the official results.csv, numbers as floats (None where empty)."""
     with open(path, newline="") as file:
         return [
-            {key: (value if key in ("model", "dataset") else float(value) if value else None) for key, value in row.items()}
+            {
+                key: (value if key in ("model", "dataset") else float(value) if value else None)
+                for key, value in row.items()
+            }
             for row in csv.DictReader(file)
         ]
 
 
-def plot_dataset(path: Path, dataset: str, results: list[dict], official: list[dict], random_backbones: bool) -> None:
+def plot_dataset(
+    path: Path, dataset: str, results: list[dict], official: list[dict], random_backbones: bool
+) -> None:
     """bpp against PSNR, MS-SSIM, LPIPS and FID for one dataset, ours beside the official curves."""
     figure = Figure(figsize=(11, 8.5), layout="constrained")
     FigureCanvasAgg(figure)
@@ -334,17 +418,29 @@ def plot_dataset(path: Path, dataset: str, results: list[dict], official: list[d
     ours = sorted((row for row in results if row["dataset"] == dataset), key=lambda row: row["bpp"])
     for ax, (metric, axis_label) in zip(axes, PLOTTED_METRICS):
         for model, color in OFFICIAL_CURVES.items():
-            curve = sorted((r["bpp"], r[metric]) for r in official
-                           if r["model"] == model and r["dataset"] == dataset.lower() and r[metric] is not None)
+            curve = sorted(
+                (r["bpp"], r[metric])
+                for r in official
+                if r["model"] == model and r["dataset"] == dataset.lower() and r[metric] is not None
+            )
             if curve:
                 ax.plot(*zip(*curve), "o-", color=color, markersize=4, label=f"{model} (official)")
         points = [(row["bpp"], row[metric], row["model"]) for row in ours if row.get(metric) is not None]
         if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], "s--", color="black", markersize=5, label="ours")
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                "s--",
+                color="black",
+                markersize=5,
+                label="ours",
+            )
             for bpp, value, label in points:
                 ax.annotate(label, (bpp, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if not ax.lines:
-            ax.text(0.5, 0.5, f"no {axis_label} for {dataset}", ha="center", va="center", transform=ax.transAxes)
+            ax.text(
+                0.5, 0.5, f"no {axis_label} for {dataset}", ha="center", va="center", transform=ax.transAxes
+            )
         ax.set_xlabel("bits per pixel")
         ax.set_ylabel(axis_label + (" (lower is better)" if metric in ("lpips", "fid") else ""))
         ax.grid(True, alpha=0.3)
@@ -354,8 +450,10 @@ def plot_dataset(path: Path, dataset: str, results: list[dict], official: list[d
     if random_backbones:
         title += " (RANDOM metric backbones: LPIPS/FID NOT comparable)"
     figure.suptitle(title)
-    figure.supxlabel("Official bpp counts about 140 bytes per image of pickle overhead; ours is the .illm file size.",
-                     fontsize=8)
+    figure.supxlabel(
+        "Official bpp counts about 140 bytes per image of pickle overhead; ours is the .illm file size.",
+        fontsize=8,
+    )
     figure.savefig(path, dpi=100)
 
 
@@ -364,7 +462,9 @@ def format_table(results: list[dict]) -> str:
     header = [column for column in RESULT_COLUMNS]
     rows = [[_format_number(row.get(column)) for column in header] for row in results]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *rows])
+    return "\n".join(
+        "  ".join(str(cell).ljust(width) for cell, width in zip(line, widths)) for line in [header, *rows]
+    )
 
 
 def _format_number(value) -> str:

@@ -41,10 +41,16 @@ def export(source: str | Path, output: str | Path, kind: str | None = None) -> t
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="export.py", description="Export a training run or checkpoint as a plain weights file.")
+    parser = argparse.ArgumentParser(
+        prog="export.py", description="Export a training run or checkpoint as a plain weights file."
+    )
     parser.add_argument("source", help="a run folder (its latest checkpoint) or a checkpoint file")
     parser.add_argument("-o", "--output", required=True, help="the weights file to write")
-    parser.add_argument("--kind", choices=sorted(MODEL_CLASSES), help="which model to export (default: the autoencoder if present)")
+    parser.add_argument(
+        "--kind",
+        choices=sorted(MODEL_CLASSES),
+        help="which model to export (default: the autoencoder if present)",
+    )
     args = parser.parse_args(argv)
     try:
         kind, path = export(args.source, args.output, args.kind)

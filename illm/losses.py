@@ -53,7 +53,9 @@ class Distortion(nn.Module):
     the official training normalisation (`LPIPSLoss`).
     """
 
-    def __init__(self, kind: str, mse_weight: float, lpips_weight: float = 0.0, lpips: nn.Module | None = None):
+    def __init__(
+        self, kind: str, mse_weight: float, lpips_weight: float = 0.0, lpips: nn.Module | None = None
+    ):
         super().__init__()
         if kind == "mse_lpips" and lpips is None:
             raise ValueError("distortion 'mse_lpips' needs an LPIPS network")
@@ -125,7 +127,14 @@ class RateOutput:
         }
 
 
-def rate_loss(likelihoods: dict, rounded_likelihoods: dict, num_pixels: int, target_bpp: float, lam_below: float, lam_above: float) -> RateOutput:
+def rate_loss(
+    likelihoods: dict,
+    rounded_likelihoods: dict,
+    num_pixels: int,
+    target_bpp: float,
+    lam_below: float,
+    lam_above: float,
+) -> RateOutput:
     """HiFiC rate targeting: λ per image is `lam_above` when its rounded bpp exceeds the target.
 
     The loss weighs the noisy (differentiable) bpp; the choice of λ uses the bpp of the
@@ -138,10 +147,20 @@ def rate_loss(likelihoods: dict, rounded_likelihoods: dict, num_pixels: int, tar
     bpp = latent_bpp + hyper_bpp
     rounded_bpp = rounded_latent_bpp + rounded_hyper_bpp
     loss = targeted_rate(bpp, rounded_bpp, target_bpp, lam_below, lam_above)
-    return RateOutput(loss, bpp.detach(), rounded_bpp, latent_bpp.detach(), hyper_bpp.detach(), rounded_latent_bpp, rounded_hyper_bpp)
+    return RateOutput(
+        loss,
+        bpp.detach(),
+        rounded_bpp,
+        latent_bpp.detach(),
+        hyper_bpp.detach(),
+        rounded_latent_bpp,
+        rounded_hyper_bpp,
+    )
 
 
-def targeted_rate(bpp: Tensor, rounded_bpp: Tensor, target_bpp: float, lam_below: float, lam_above: float) -> Tensor:
+def targeted_rate(
+    bpp: Tensor, rounded_bpp: Tensor, target_bpp: float, lam_below: float, lam_above: float
+) -> Tensor:
     """mean(λ · bpp) over the images, λ = `lam_above` where the rounded bpp exceeds the target."""
     lam = torch.where(rounded_bpp > target_bpp, lam_above, lam_below)
     return (lam * bpp).mean()
@@ -153,7 +172,10 @@ def targeted_rate(bpp: Tensor, rounded_bpp: Tensor, target_bpp: float, lam_below
 def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, real_targets: Tensor) -> Tensor:
     """0.5 * [CE(D(x), labels(x) + 1) + CE(D(x_hat), 0)]; `real_targets` are already shifted by 1."""
     fake_targets = torch.zeros_like(real_targets)
-    return 0.5 * (F.cross_entropy(real_logits.float(), real_targets) + F.cross_entropy(fake_logits.float(), fake_targets))
+    return 0.5 * (
+        F.cross_entropy(real_logits.float(), real_targets)
+        + F.cross_entropy(fake_logits.float(), fake_targets)
+    )
 
 
 def generator_loss(fake_logits: Tensor, real_targets: Tensor) -> Tensor:

@@ -113,7 +113,9 @@ def ms_ssim(x: Tensor, y: Tensor) -> Tensor:
     Raises ValueError for images with a side shorter than ``MS_SSIM_MIN_SIDE`` pixels.
     """
     if min(x.shape[-2:]) < MS_SSIM_MIN_SIDE:
-        raise ValueError(f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} pixels per side, got {tuple(x.shape[-2:])}")
+        raise ValueError(
+            f"MS-SSIM needs images of at least {MS_SSIM_MIN_SIDE} pixels per side, got {tuple(x.shape[-2:])}"
+        )
     return pytorch_msssim.ms_ssim(to_255(x), to_255(y), data_range=255.0, size_average=False)
 
 
@@ -186,8 +188,14 @@ class _FullResolutionDISTS(piq.DISTS):
         layers = [VGG16_LAYERS[name] for name in ("relu1_2", "relu2_2", "relu3_3", "relu4_3", "relu5_3")]
         # piq.DISTS.__init__ always downloads; ContentLoss.__init__ accepts the backbone directly.
         piq.ContentLoss.__init__(
-            self, vgg_features, layers=layers, weights=weights, replace_pooling=True, reduction="none",
-            normalize_features=False, allow_layers_weights_mismatch=True,
+            self,
+            vgg_features,
+            layers=layers,
+            weights=weights,
+            replace_pooling=True,
+            reduction="none",
+            normalize_features=False,
+            allow_layers_weights_mismatch=True,
         )
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
@@ -205,7 +213,9 @@ class DISTSDistance(_FrozenModule):
         else:
             vgg_url = torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
             vgg_state = _load(cached_file(vgg_url, "DISTS VGG-16 backbone", check_hash=True))
-            features = {k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")}
+            features = {
+                k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")
+            }
             vgg_features.load_state_dict(features)
             dists_weights = _load(cached_file(DISTS_URL, "DISTS"))
             alpha, beta = dists_weights["alpha"], dists_weights["beta"]
@@ -280,7 +290,9 @@ class SwAVFeatures(_FrozenModule):
             state = {key.removeprefix("module."): value for key, value in state.items()}
             missing, _ = self.model.load_state_dict(state, strict=False)  # projection head unused
             if missing:
-                raise MissingWeightsError(f"SwAV weights {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}")
+                raise MissingWeightsError(
+                    f"SwAV weights {path} lack {len(missing)} backbone tensors, e.g. {missing[0]}"
+                )
         self.register_buffer("mean", torch.tensor(SWAV_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(SWAV_STD).view(1, 3, 1, 1), persistent=False)
         self._freeze()
@@ -342,8 +354,11 @@ def kernel_distance(real_features: Tensor, fake_features: Tensor) -> float:
     """
     subset_size = min(KID_SUBSET_SIZE, len(real_features), len(fake_features))
     result = kid_features_to_metric(
-        real_features.double().cpu(), fake_features.double().cpu(),
-        kid_subsets=KID_SUBSETS, kid_subset_size=subset_size, verbose=False,
+        real_features.double().cpu(),
+        fake_features.double().cpu(),
+        kid_subsets=KID_SUBSETS,
+        kid_subset_size=subset_size,
+        verbose=False,
     )
     return result["kernel_inception_distance_mean"]
 
@@ -352,8 +367,19 @@ def kernel_distance(real_features: Tensor, fake_features: Tensor) -> float:
 # Accumulator for evaluation and training validation
 # ----------------------------------------------------------------------------------------
 
-_BUILDERS = {"lpips": lpips_network, "dists": dists_network, "inception": inception_network, "swav": swav_network}
-_NETWORK_OF_METRIC = {"lpips": "lpips", "dists": "dists", "fid": "inception", "kid": "inception", "fid_swav": "swav"}
+_BUILDERS = {
+    "lpips": lpips_network,
+    "dists": dists_network,
+    "inception": inception_network,
+    "swav": swav_network,
+}
+_NETWORK_OF_METRIC = {
+    "lpips": "lpips",
+    "dists": "dists",
+    "fid": "inception",
+    "kid": "inception",
+    "fid_swav": "swav",
+}
 
 
 def _shared_network(name: str, random_backbone: bool, device: str) -> nn.Module:
@@ -365,7 +391,9 @@ def _shared_network(name: str, random_backbone: bool, device: str) -> nn.Module:
 
 
 @functools.lru_cache(maxsize=None)
-def _cached_build(name: str, random_backbone: bool, device: str, hub_dir: str) -> nn.Module | MissingWeightsError:
+def _cached_build(
+    name: str, random_backbone: bool, device: str, hub_dir: str
+) -> nn.Module | MissingWeightsError:
     # A failure is remembered too: each missing file is looked for (and downloaded) once.
     try:
         return _BUILDERS[name](random_backbone=random_backbone).to(device)
@@ -391,7 +419,9 @@ class ImageMetrics:
     ):
         unknown = sorted(set(metrics) - set(ALL_METRICS))
         if unknown:
-            raise ConfigError(f"unknown metric(s) {', '.join(unknown)}: expected some of {', '.join(ALL_METRICS)}")
+            raise ConfigError(
+                f"unknown metric(s) {', '.join(unknown)}: expected some of {', '.join(ALL_METRICS)}"
+            )
         self.metrics = tuple(name for name in ALL_METRICS if name in metrics)
         self.device = torch.device(device)
         self.random_backbones = random_backbones
@@ -401,9 +431,15 @@ class ImageMetrics:
             try:
                 self.networks[network] = _shared_network(network, random_backbones, str(self.device))
             except MissingWeightsError as error:
-                self.missing.update({m: str(error) for m in self.metrics if _NETWORK_OF_METRIC.get(m) == network})
+                self.missing.update(
+                    {m: str(error) for m in self.metrics if _NETWORK_OF_METRIC.get(m) == network}
+                )
         self.feature_networks = sorted(
-            {_NETWORK_OF_METRIC[m] for m in self.metrics if m in DISTRIBUTION_METRICS and m not in self.missing}
+            {
+                _NETWORK_OF_METRIC[m]
+                for m in self.metrics
+                if m in DISTRIBUTION_METRICS and m not in self.missing
+            }
         )
         self.reset()
 
@@ -424,7 +460,8 @@ class ImageMetrics:
         """Add a batch of image pairs; returns the per-image values of the full-reference metrics."""
         if original.shape != reconstruction.shape:
             raise ValueError(
-                f"shape mismatch: original {tuple(original.shape)}, reconstruction {tuple(reconstruction.shape)}"
+                f"shape mismatch: original {tuple(original.shape)}, reconstruction "
+                f"{tuple(reconstruction.shape)}"
             )
         original = to_255(original.to(self.device)).to(torch.uint8)
         reconstruction = to_255(reconstruction.to(self.device)).to(torch.uint8)
@@ -434,7 +471,9 @@ class ImageMetrics:
             per_image["psnr"] = psnr(original, reconstruction).tolist()
         if self._active("ms_ssim"):
             large_enough = min(original.shape[-2:]) >= MS_SSIM_MIN_SIDE
-            per_image["ms_ssim"] = ms_ssim(original, reconstruction).tolist() if large_enough else [None] * batch
+            per_image["ms_ssim"] = (
+                ms_ssim(original, reconstruction).tolist() if large_enough else [None] * batch
+            )
         for metric in ("lpips", "dists"):
             if self._active(metric):
                 distance = self.networks[metric](original.float() / 255.0, reconstruction.float() / 255.0)
@@ -483,7 +522,8 @@ class ImageMetrics:
         features = self.features[_NETWORK_OF_METRIC[metric]]
         if self.num_patches < 2:
             self.missing[metric] = (
-                f"needs at least 2 patches of {FID_PATCH_SIZE}x{FID_PATCH_SIZE} pixels, got {self.num_patches}"
+                f"needs at least 2 patches of {FID_PATCH_SIZE}x{FID_PATCH_SIZE} pixels, got "
+                f"{self.num_patches}"
             )
             return None
         real, fake = torch.cat(features["real"]), torch.cat(features["fake"])

@@ -22,11 +22,15 @@ from torch.optim.lr_scheduler import LambdaLR
 OFFICIAL_MIN_FACTOR = 1e-12
 
 
-def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), fused: bool = False) -> torch.optim.AdamW:
+def adamw(
+    params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW over the trainable `params` (torch's defaults otherwise, as the official optimizers);
     `fused` selects torch's single-kernel implementation (CPU and CUDA)."""
     params = [p for p in params if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused or None)
+    return torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), fused=fused or None
+    )
 
 
 def ramp_quarter_cosine(step: int, warmup_steps: int, decay_steps: int) -> float:

@@ -86,7 +86,9 @@ def parse_sweep(text: str) -> Sweep:
     for value in values:
         parse_override(f"{key}={value}")  # the key's shape; its existence is checked with the config
     if key == "run.dir":
-        raise ConfigError(f"{SWEEP_FLAG} '{text}': run.dir cannot be swept (each value gets its own folder inside it)")
+        raise ConfigError(
+            f"{SWEEP_FLAG} '{text}': run.dir cannot be swept (each value gets its own folder inside it)"
+        )
     return Sweep(key, values)
 
 
@@ -102,7 +104,10 @@ def experiments(sweeps: list[Sweep]) -> list[Experiment]:
     names = [p.name for p in points]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
-        raise ConfigError(f"{SWEEP_FLAG}: several values share the run folder '{clashes[0]}' once sanitised; give distinct values")
+        raise ConfigError(
+            f"{SWEEP_FLAG}: several values share the run folder '{clashes[0]}' once sanitised; give "
+            "distinct values"
+        )
     return points
 
 
@@ -172,7 +177,11 @@ def run_with_sweeps(
     for point, run_dir, point_argv in runs:
         if _is_main_process():
             overrides_text = " ".join(point.overrides)
-            print(f"[sweep] experiment {point.index} ({len(results) + 1}/{len(runs)}): {overrides_text} -> {run_dir}", flush=True)
+            print(
+                f"[sweep] experiment {point.index} ({len(results) + 1}/{len(runs)}): {overrides_text} -> "
+                f"{run_dir}",
+                flush=True,
+            )
         started = time.perf_counter()
         try:
             run_experiment(point_argv)
@@ -233,5 +242,7 @@ def _agree_on_a_free_port() -> int:
 def summary(results) -> str:
     lines = ["[sweep] summary:"]
     for point, run_dir, status, seconds in results:
-        lines.append(f"  {point.index:3d}  {' '.join(point.overrides):40s}  {status:8s}  {seconds:8.1f} s  {run_dir}")
+        lines.append(
+            f"  {point.index:3d}  {' '.join(point.overrides):40s}  {status:8s}  {seconds:8.1f} s  {run_dir}"
+        )
     return "\n".join(lines)

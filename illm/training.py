@@ -85,15 +85,23 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers)
+        ],
     )
     set_seed(config.run.seed + accelerator.process_index)
     run_dir = Path(config.run.dir)
     config_toml = config_io.to_toml(config)
-    resuming = prepare_run_dir(run_dir, config_toml, config.run.resume, config.run.overwrite, move=accelerator.is_main_process)
+    resuming = prepare_run_dir(
+        run_dir, config_toml, config.run.resume, config.run.overwrite, move=accelerator.is_main_process
+    )
     accelerator.wait_for_everyone()
-    checkpoints = CheckpointManager(run_dir, config.checkpoint.keep_last, config.checkpoint.best_metric, config.checkpoint.best_mode)
-    resume_from = resume_point(run_dir, config.run.resume_from) if resuming or config.run.resume_from else None
+    checkpoints = CheckpointManager(
+        run_dir, config.checkpoint.keep_last, config.checkpoint.best_metric, config.checkpoint.best_mode
+    )
+    resume_from = (
+        resume_point(run_dir, config.run.resume_from) if resuming or config.run.resume_from else None
+    )
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
@@ -101,7 +109,10 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     logger.text("config", "```toml\n" + config_toml + "\n```")
     if accelerator.is_main_process:
         where = f"resuming from {resume_from}" if resume_from else "new run"
-        print(f"[{stage}] {where}: {run_dir} | processes: {accelerator.num_processes} | device: {accelerator.device} | precision: {config.train.mixed_precision}")
+        print(
+            f"[{stage}] {where}: {run_dir} | processes: {accelerator.num_processes} | device: "
+            f"{accelerator.device} | precision: {config.train.mixed_precision}"
+        )
     return Run(config, accelerator, logger, checkpoints, resume_from, run_dir)
 
 
@@ -210,10 +221,19 @@ def micro_batches(batches, count: int) -> list[Tensor]:
 def loaders(run: Run, train_set, val_set):
     """Prepared (per-process sharded) train and validation loaders."""
     data = run.config.data
-    train_loader = make_loader(train_set, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=run.config.run.seed, drop_last=True)
+    train_loader = make_loader(
+        train_set,
+        data.batch_size,
+        shuffle=True,
+        num_workers=data.num_workers,
+        seed=run.config.run.seed,
+        drop_last=True,
+    )
     val_loader = None
     if val_set is not None:
-        val_loader = make_loader(val_set, data.val_batch_size, shuffle=False, num_workers=data.num_workers, seed=0, drop_last=False)
+        val_loader = make_loader(
+            val_set, data.val_batch_size, shuffle=False, num_workers=data.num_workers, seed=0, drop_last=False
+        )
     train_loader = run.accelerator.prepare_data_loader(train_loader)
     if val_loader is not None:
         val_loader = run.accelerator.prepare_data_loader(val_loader)
@@ -276,7 +296,15 @@ def memory_gb(device: torch.device) -> float:
 # --- checkpoints ------------------------------------------------------------------------------------
 
 
-def save_checkpoint(run: Run, step: int, models: dict, optimizers: dict, schedulers: dict, stream: BatchStream, metrics: dict | None = None) -> None:
+def save_checkpoint(
+    run: Run,
+    step: int,
+    models: dict,
+    optimizers: dict,
+    schedulers: dict,
+    stream: BatchStream,
+    metrics: dict | None = None,
+) -> None:
     """Gather RNG states of every process; the main process writes the checkpoint."""
     accelerator = run.accelerator
     rng_states = [rng_state()]
@@ -339,7 +367,13 @@ class Progress:
     def __post_init__(self):
         self.last_step = self.start_step
         if self.accelerator.is_main_process:
-            self.bar = tqdm(total=self.max_steps, initial=self.start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+            self.bar = tqdm(
+                total=self.max_steps,
+                initial=self.start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stdout,
+            )
 
     def rates(self, step: int) -> dict[str, float]:
         """Images per second (all processes) and seconds per step since the last call."""
@@ -347,12 +381,17 @@ class Progress:
         steps = max(1, step - self.last_step)
         seconds = (now - self.last_time) / steps
         self.last_time, self.last_step = now, step
-        return {"perf/images_per_second": self.images_per_step / seconds if seconds > 0 else math.nan, "perf/step_seconds": seconds}
+        return {
+            "perf/images_per_second": self.images_per_step / seconds if seconds > 0 else math.nan,
+            "perf/step_seconds": seconds,
+        }
 
     def update(self, step: int, **shown) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False)
+            self.bar.set_postfix(
+                {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in shown.items()}, refresh=False
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -399,7 +438,11 @@ class Housekeeping:
     def start(self) -> int:
         """Restore the checkpoint being resumed, if any; returns the step to continue after."""
         run = self.run
-        step = load_checkpoint(run, self.models, self.optimizers, self.schedulers, self.stream) if run.resume_from else 0
+        step = (
+            load_checkpoint(run, self.models, self.optimizers, self.schedulers, self.stream)
+            if run.resume_from
+            else 0
+        )
         self.progress = Progress(run.accelerator, step, run.config.train.max_steps, self.images_per_step)
         return step
 
@@ -419,7 +462,9 @@ class Housekeeping:
         if validate is not None and is_due(step, cfg.logging.val_every, max_steps):
             self.val_metrics = validate()
         if is_due(step, cfg.checkpoint.every, max_steps):
-            save_checkpoint(run, step, self.models, self.optimizers, self.schedulers, self.stream, self.val_metrics)
+            save_checkpoint(
+                run, step, self.models, self.optimizers, self.schedulers, self.stream, self.val_metrics
+            )
             self.val_metrics = {}
 
 

@@ -35,7 +35,9 @@ class SampleMeans:
         return {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
 
 
-def validate_autoencoder(run, model, val_loader, distortion: Distortion, lpips, rate_cfg, step: int, fixed: dict) -> dict:
+def validate_autoencoder(
+    run, model, val_loader, distortion: Distortion, lpips, rate_cfg, step: int, fixed: dict
+) -> dict:
     """Eval-mode (rounded) metrics over the validation set, averaged over all processes;
     logs them and the fixed images' reconstructions."""
     accelerator = run.accelerator
@@ -52,7 +54,9 @@ def validate_autoencoder(run, model, val_loader, distortion: Distortion, lpips, 
             recon = out.images.float().clamp(0, 1)
             dist, terms = distortion(recon, images)
             num_pixels = images.shape[-2] * images.shape[-1]
-            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, num_pixels, target, rate_cfg.lam_below, lam_above)
+            rate = rate_loss(
+                out.likelihoods, out.rounded_likelihoods, num_pixels, target, rate_cfg.lam_below, lam_above
+            )
             per_image = {
                 "val/psnr": metrics.psnr(recon, images),
                 "val/bpp": rate.rounded_bpp,

@@ -41,13 +41,26 @@ if TYPE_CHECKING:
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/NeuralCompression/2023-muckley-msillm/"
 # quality -> the bitrate target in the file name
 _MSILLM_TARGETS = {
-    "vlo1": "0.00218", "vlo2": "0.00438", "1": "0.035", "2": "0.07", "3": "0.14", "4": "0.3", "5": "0.45", "6": "0.9"
+    "vlo1": "0.00218",
+    "vlo2": "0.00438",
+    "1": "0.035",
+    "2": "0.07",
+    "3": "0.14",
+    "4": "0.3",
+    "5": "0.45",
+    "6": "0.9",
 }
 _NOGAN_TARGETS = {str(quality): _MSILLM_TARGETS[str(quality)] for quality in range(1, 7)}
 
 OFFICIAL_WEIGHTS = {
-    **{f"msillm_quality_{q}": f"{OFFICIAL_URL}msillm_target_{bpp}bpp.ckpt" for q, bpp in _MSILLM_TARGETS.items()},
-    **{f"noganms_quality_{q}": f"{OFFICIAL_URL}noganms_target_{bpp}bpp.ckpt" for q, bpp in _NOGAN_TARGETS.items()},
+    **{
+        f"msillm_quality_{q}": f"{OFFICIAL_URL}msillm_target_{bpp}bpp.ckpt"
+        for q, bpp in _MSILLM_TARGETS.items()
+    },
+    **{
+        f"noganms_quality_{q}": f"{OFFICIAL_URL}noganms_target_{bpp}bpp.ckpt"
+        for q, bpp in _NOGAN_TARGETS.items()
+    },
     "vqvae_xcit_p8_ch64_cb1024_h8": f"{OFFICIAL_URL}vqvae_xcit_p8_ch64_cb1024_h8.ckpt",
 }
 
@@ -221,10 +234,14 @@ def _read_state_dict(path: Path, kind: str) -> dict[str, Tensor]:
             found = ", ".join(models) if isinstance(models, Mapping) else "none"
             raise IllmError(f"{path}: training checkpoint without {kind} weights (it has: {found})")
         content = models[kind]
-    if not isinstance(content, Mapping) or not content or not all(
-        isinstance(key, str) and isinstance(value, Tensor) for key, value in content.items()
+    if (
+        not isinstance(content, Mapping)
+        or not content
+        or not all(isinstance(key, str) and isinstance(value, Tensor) for key, value in content.items())
     ):
-        raise IllmError(f"{path}: not a state dict (a mapping from names to tensors) nor a training checkpoint")
+        raise IllmError(
+            f"{path}: not a state dict (a mapping from names to tensors) nor a training checkpoint"
+        )
     return dict(content)
 
 

@@ -49,10 +49,19 @@ def benchmark(workdir: Path, variant: str, steps: int) -> list[float]:
     """Per-iteration seconds of `steps` timed iterations (after one warm-up) of a config variant."""
     run_dir = workdir / f"run_{variant}"
     overrides = [
-        f"data.train={workdir / 'images'}", "data.val=", "data.batch_size=4", "data.global_batch_size=4", "data.num_workers=0",
-        f"run.dir={run_dir}", f"init.autoencoder={workdir / 'autoencoder.pt'}", f"init.labeller={workdir / 'vqvae.pt'}",
-        f"train.max_steps={steps + 1}", *VARIANTS[variant],
-        "logging.every=1", "checkpoint.every=1000000", 'lpips.backbone_weights="random"',
+        f"data.train={workdir / 'images'}",
+        "data.val=",
+        "data.batch_size=4",
+        "data.global_batch_size=4",
+        "data.num_workers=0",
+        f"run.dir={run_dir}",
+        f"init.autoencoder={workdir / 'autoencoder.pt'}",
+        f"init.labeller={workdir / 'vqvae.pt'}",
+        f"train.max_steps={steps + 1}",
+        *VARIANTS[variant],
+        "logging.every=1",
+        "checkpoint.every=1000000",
+        'lpips.backbone_weights="random"',
     ]
     train(load_config(FinetuneConfig, CONFIG, overrides))
     return step_seconds(run_dir)[1:]
@@ -60,7 +69,9 @@ def benchmark(workdir: Path, variant: str, steps: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=5, help="timed iterations per variant (after one warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed iterations per variant (after one warm-up)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
@@ -83,9 +94,12 @@ def main() -> None:
     for variant, seconds in results.items():
         median = statistics.median(seconds)
         print(
-            f"  {variant:10s} median {median:7.2f} s/iteration, {median / reference:.2f}x of {args.variants[0]}"
-            f"  (steps: {', '.join(f'{s:.2f}' for s in seconds)}; {' '.join(VARIANTS[variant]) or 'the released config'})"
+            f"  {variant:10s} median {median:7.2f} s/iteration, {median / reference:.2f}x of "
+            f"{args.variants[0]}"
+            f"  (steps: {', '.join(f'{s:.2f}' for s in seconds)}; "
+            f"{' '.join(VARIANTS[variant]) or 'the released config'})"
         )
+
 
 if __name__ == "__main__":
     main()

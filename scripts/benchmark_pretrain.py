@@ -102,7 +102,9 @@ def official(path: Path, cfg, device, images):
     def iterate(step):
         out = model(images)
         distortion = cfg.distortion.mse_weight * F.mse_loss(out.image, images)
-        distortion = distortion + cfg.distortion.lpips_weight * lpips(out.image, images, normalize=True).mean()
+        distortion = (
+            distortion + cfg.distortion.lpips_weight * lpips(out.image, images, normalize=True).mean()
+        )
         total_bpp = bpp(out.latent_likelihoods) + bpp(out.hyper_latent_likelihoods)
         quantized_bpp = bpp(out.quantized_latent_likelihoods) + bpp(out.quantized_hyper_latent_likelihoods)
         lams = torch.where(quantized_bpp > target, lam_above, lam_below)
@@ -127,16 +129,23 @@ def main():
     parser.add_argument("--steps", type=int, default=3, help="timed iterations per variant and round")
     parser.add_argument("--rounds", type=int, default=2, help="the variants take turns this many times")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"a comma list of {', '.join(VARIANTS)}")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"a comma list of {', '.join(VARIANTS)}"
+    )
     parser.add_argument("--official-path", type=Path, help="folder with the neuralcompression 0.3.1 package")
     args = parser.parse_args()
     device = torch.device(args.device)
     names = ([OFFICIAL] if args.official_path else []) + args.variants.split(",")
     configs = {name: load_config(PretrainConfig, args.config, VARIANTS.get(name, [])) for name in names}
     base = configs[names[0]]
-    distortion = build_distortion(base.distortion, lpips_network(base.lpips.net, random_backbone=True)).to(device)
+    distortion = build_distortion(base.distortion, lpips_network(base.lpips.net, random_backbone=True)).to(
+        device
+    )
     images = torch.rand(args.batch, 3, base.data.crop_size, base.data.crop_size, device=device)
-    print(f"{args.config}: batch {args.batch} x {base.data.crop_size}^2 on {device} ({torch.get_num_threads()} threads)")
+    print(
+        f"{args.config}: batch {args.batch} x {base.data.crop_size}^2 on {device} "
+        f"({torch.get_num_threads()} threads)"
+    )
     seconds = {name: [] for name in names}
     for _ in range(args.rounds):
         for name in names:
@@ -152,7 +161,8 @@ def main():
         what = "the official step" if name == OFFICIAL else " ".join(VARIANTS[name]) or "the released config"
         print(
             f"  {name:17s} {what}\n"
-            f"                    median {median:.2f} s/iteration (min {min(seconds[name]):.2f}, max {max(seconds[name]):.2f},"
+            f"                    median {median:.2f} s/iteration (min {min(seconds[name]):.2f}, max "
+            f"{max(seconds[name]):.2f},"
             f" {len(seconds[name])} iterations): {median / reference:.2f}x of {names[0]}"
         )
 

@@ -1,6 +1,6 @@
 """Regenerate the config reference in README.md from the dataclass docs (`--check`: only compare).
 
-    python scripts/update_readme.py [--check]
+python scripts/update_readme.py [--check]
 """
 
 import sys
@@ -32,6 +32,8 @@ if __name__ == "__main__":
     text = README.read_text()
     new = updated(text)
     if "--check" in sys.argv[1:]:
-        sys.exit(0 if new == text else "README.md config reference is stale: run python scripts/update_readme.py")
+        sys.exit(
+            0 if new == text else "README.md config reference is stale: run python scripts/update_readme.py"
+        )
     README.write_text(new)
     print("README.md config reference updated")

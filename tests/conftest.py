@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO / "tests" / "reference" / "golden.pt"
 sys.path.insert(0, str(REPO / "tests" / "reference"))
 os.environ.setdefault("TORCH_HOME", str(REPO / ".pytest_cache" / "torch_home"))
-os.environ.setdefault("ILLM_CACHE_DIR", str(REPO / ".pytest_cache" / "illm_cache"))  # weights ids, not ~/.cache
+os.environ.setdefault(
+    "ILLM_CACHE_DIR", str(REPO / ".pytest_cache" / "illm_cache")
+)  # weights ids, not ~/.cache
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +35,9 @@ def offline(tmp_path, monkeypatch):
     return tmp_path / "torch_home" / "hub" / "checkpoints"
 
 
-TINY_AUTOENCODER = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
+TINY_AUTOENCODER = dict(
+    latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
+)
 
 
 def tiny_autoencoder(seed: int = 0):

@@ -13,11 +13,13 @@ import torch
 from PIL import Image
 from skimage import data
 
+from conftest import tiny_autoencoder
 from illm import codec, images
 from illm.cli import main
-from conftest import tiny_autoencoder
 
 REPO = Path(__file__).resolve().parents[1]
+
+
 def weights(folder: Path, name: str = "weights.pt") -> list[str]:
     return ["--weights", str(folder / name)]
 
@@ -95,7 +97,9 @@ def test_python_dash_m_round_trip(setup, tmp_path):
     assert result.stdout.startswith("compressed 1 file: ")
     header = codec.read_header((tmp_path / "x.illm").read_bytes())
     assert (header.height, header.width, header.weights_id) == (80, 100, codec.weights_id(model))
-    assert main(["decompress", *weights(folder), str(tmp_path / "x.illm"), "-o", str(tmp_path / "x.png")]) == 0
+    assert (
+        main(["decompress", *weights(folder), str(tmp_path / "x.illm"), "-o", str(tmp_path / "x.png")]) == 0
+    )
     expected = images.to_uint8(codec.decompress(model, (tmp_path / "x.illm").read_bytes()))
     assert torch.equal(images.read_image(tmp_path / "x.png"), expected)
 

@@ -56,8 +56,20 @@ def home_cache(tmp_path, monkeypatch) -> Path:
 
 def test_find_images_recurses_and_filters_extensions(tmp_path, home_cache):
     root = tmp_path / "images"
-    for name in ["b.JPEG", "a.jpg", "c.png", "d.WebP", "e.txt", "f.gif", "g.jpg.bak",
-                 "sub/x.Jpg", "sub/deeper/y.png", ".hidden.jpg", ".cache/z.jpg", "sub/notes.md"]:
+    for name in [
+        "b.JPEG",
+        "a.jpg",
+        "c.png",
+        "d.WebP",
+        "e.txt",
+        "f.gif",
+        "g.jpg.bak",
+        "sub/x.Jpg",
+        "sub/deeper/y.png",
+        ".hidden.jpg",
+        ".cache/z.jpg",
+        "sub/notes.md",
+    ]:
         touch(root / name)
     (root / "folder.jpg").mkdir()  # a folder with an image-like name is not an image
 

@@ -39,7 +39,9 @@ def test_output_factor_sets_resolution_and_is_inferred_from_weights(output_facto
 
     rebuilt = ConditionalUNetDiscriminator.from_state_dict(model.state_dict()).eval()
     assert (rebuilt.output_factor, rebuilt.channels, rebuilt.num_classes) == (
-        output_factor, TINY["channels"], TINY["num_classes"]
+        output_factor,
+        TINY["channels"],
+        TINY["num_classes"],
     )
     assert torch.equal(rebuilt(images, context), logits)
 

@@ -14,7 +14,9 @@ from illm.models.hific import HiFiCAutoencoder
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     torch.manual_seed(0)
-    model = HiFiCAutoencoder(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
+    model = HiFiCAutoencoder(
+        latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
+    )
     model.update(force=True)
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(model.state_dict(), path)
@@ -41,7 +43,9 @@ def datasets(tmp_path_factory):
 def fast_fid(monkeypatch):
     """2048-d eigenvalue problems take seconds on a CPU: the pipeline is tested on 8 dimensions."""
     real_frechet_distance = metrics.frechet_distance
-    monkeypatch.setattr(metrics, "frechet_distance", lambda real, fake: real_frechet_distance(real[:, :8], fake[:, :8]))
+    monkeypatch.setattr(
+        metrics, "frechet_distance", lambda real, fake: real_frechet_distance(real[:, :8], fake[:, :8])
+    )
 
 
 def read_csv(path):
@@ -51,13 +55,19 @@ def read_csv(path):
 
 def run(tiny_weights, datasets, output, *extra):
     data = [f"{name}={folder}" for name, folder in datasets.items()]
-    return evaluate.main(["--weights", str(tiny_weights), "--data", *data, "-o", str(output), "--device", "cpu", *extra])
+    return evaluate.main(
+        ["--weights", str(tiny_weights), "--data", *data, "-o", str(output), "--device", "cpu", *extra]
+    )
 
 
 @pytest.mark.slow  # FID Inception-v3 on every patch: half a minute on two cores
-def test_evaluation_writes_results_per_image_rows_plots_and_bitstreams(tiny_weights, datasets, tmp_path, offline, fast_fid):
+def test_evaluation_writes_results_per_image_rows_plots_and_bitstreams(
+    tiny_weights, datasets, tmp_path, offline, fast_fid
+):
     output = tmp_path / "results"
-    status = run(tiny_weights, datasets, output, "--random-backbones", "--save-bitstreams", "--save-reconstructions")
+    status = run(
+        tiny_weights, datasets, output, "--random-backbones", "--save-bitstreams", "--save-reconstructions"
+    )
     assert status == 0
 
     with open(output / "results.csv") as file:
@@ -84,7 +94,9 @@ def test_evaluation_writes_results_per_image_rows_plots_and_bitstreams(tiny_weig
         # the metrics are those of the decoded 8-bit image
         original = images.read_image(datasets[row["dataset"]] / row["image"])
         decoded = images.read_image(output / "reconstructions" / "tiny" / row["dataset"] / row["image"])
-        assert float(row["psnr"]) == pytest.approx(metrics.psnr(original[None], decoded[None]).item(), rel=1e-5)
+        assert float(row["psnr"]) == pytest.approx(
+            metrics.psnr(original[None], decoded[None]).item(), rel=1e-5
+        )
         assert float(row["encode_seconds"]) > 0 and float(row["decode_seconds"]) > 0
     for dataset in ("kodak", "clic2020"):
         mean_bpp = np.mean([float(r["bpp"]) for r in per_image if r["dataset"] == dataset])
@@ -101,7 +113,10 @@ def test_missing_metric_backbones_are_reported_not_fatal(tiny_weights, datasets,
     assert run(tiny_weights, datasets, output, "--metrics", "psnr,lpips,fid") == 0
     results = {row["dataset"]: row for row in read_csv(output / "results.csv")}
     assert results["clic2020"]["model"] == "tiny"
-    assert results["clic2020"]["lpips"] == results["clic2020"]["fid"] == "" and float(results["clic2020"]["psnr"]) > 0
+    assert (
+        results["clic2020"]["lpips"] == results["clic2020"]["fid"] == ""
+        and float(results["clic2020"]["psnr"]) > 0
+    )
     assert results["clic2020"]["dists"] == ""  # not requested
     stderr = capsys.readouterr().err
     assert "lpips not computed" in stderr and "alexnet-owt-7be5be79.pth" in stderr
@@ -129,17 +144,48 @@ def test_empty_folder_and_bad_weights_fail_with_one_line(tiny_weights, datasets,
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    assert evaluate.main(["--weights", str(tiny_weights), "--data", f"kodak={empty}", "-o", str(tmp_path / "out")]) == 1
+    assert (
+        evaluate.main(
+            ["--weights", str(tiny_weights), "--data", f"kodak={empty}", "-o", str(tmp_path / "out")]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert "no images" in error and str(empty) in error and error.count("\n") == 1
 
-    assert evaluate.main(["--weights", str(tmp_path / "missing.pt"), "--data", f"kodak={datasets['kodak']}",
-                          "-o", str(tmp_path / "out"), "--metrics", "psnr"]) == 1
+    assert (
+        evaluate.main(
+            [
+                "--weights",
+                str(tmp_path / "missing.pt"),
+                "--data",
+                f"kodak={datasets['kodak']}",
+                "-o",
+                str(tmp_path / "out"),
+                "--metrics",
+                "psnr",
+            ]
+        )
+        == 1
+    )
     error = capsys.readouterr().err
     assert "missing.pt" in error and error.count("\n") == 1
 
-    assert evaluate.main(["--weights", str(tiny_weights), "--data", f"kodak={datasets['kodak']}",
-                          "-o", str(tmp_path / "out"), "--metrics", "psnr,sharpness"]) == 1
+    assert (
+        evaluate.main(
+            [
+                "--weights",
+                str(tiny_weights),
+                "--data",
+                f"kodak={datasets['kodak']}",
+                "-o",
+                str(tmp_path / "out"),
+                "--metrics",
+                "psnr,sharpness",
+            ]
+        )
+        == 1
+    )
     assert "sharpness" in capsys.readouterr().err
 
 
@@ -153,4 +199,7 @@ def test_official_results_are_shipped_with_the_official_columns():
 def test_csv_cells_with_commas_and_quotes_read_back_unchanged(tmp_path):
     rows = [{"model": 'run "a", step 3', "psnr": 21.5}, {"model": "plain", "psnr": None}]
     evaluate.write_csv(tmp_path / "results.csv", ("model", "psnr"), rows)
-    assert read_csv(tmp_path / "results.csv") == [{"model": 'run "a", step 3', "psnr": "21.5"}, {"model": "plain", "psnr": ""}]
+    assert read_csv(tmp_path / "results.csv") == [
+        {"model": 'run "a", step 3', "psnr": "21.5"},
+        {"model": "plain", "psnr": ""},
+    ]

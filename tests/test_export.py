@@ -21,8 +21,14 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     synthetic_images(root / "train", 4, (64, 64), seed=0)
     common = [f"data.train={root / 'train'}", "data.val=''", "train.max_steps=1", "checkpoint.every=1"]
-    pretrain.train(load_config(PretrainConfig, REPO / "illm/configs/tiny/pretrain.toml", [f"run.dir={root / 'ae'}", *common]))
-    vqvae.train(load_config(VQVAEConfig, REPO / "illm/configs/tiny/vqvae.toml", [f"run.dir={root / 'vq'}", *common]))
+    pretrain.train(
+        load_config(
+            PretrainConfig, REPO / "illm/configs/tiny/pretrain.toml", [f"run.dir={root / 'ae'}", *common]
+        )
+    )
+    vqvae.train(
+        load_config(VQVAEConfig, REPO / "illm/configs/tiny/vqvae.toml", [f"run.dir={root / 'vq'}", *common])
+    )
     return root
 
 

@@ -87,9 +87,20 @@ def test_only_the_generator_and_discriminator_train(workspace):
     assert (first["step"], last["step"]) == (1, 2)
     assert set(last["models"]) == {"autoencoder", "discriminator"}
     assert set(last["optimizers"]) == {"generator", "discriminator"}  # no quantile optimizer when frozen
-    moved = [n for n, w in last["models"]["discriminator"].items() if not torch.equal(w, first["models"]["discriminator"][n])]
+    moved = [
+        n
+        for n, w in last["models"]["discriminator"].items()
+        if not torch.equal(w, first["models"]["discriminator"][n])
+    ]
     assert moved
-    for tag in ("train/generator_loss", "train/discriminator_loss", "disc/real_accuracy", "disc/fake_accuracy", "optim/disc_grad_norm", "train/quantized_total_bpp"):
+    for tag in (
+        "train/generator_loss",
+        "train/discriminator_loss",
+        "disc/real_accuracy",
+        "disc/fake_accuracy",
+        "optim/disc_grad_norm",
+        "train/quantized_total_bpp",
+    ):
         assert len(scalars(workspace / "plain", tag)) == 2, tag
 
 
@@ -106,14 +117,28 @@ def test_frozen_parameters_pass_gradients_through_without_keeping_any():
 def test_discriminator_learns_a_repeated_batch(tmp_path, workspace):
     # Two 64x64 images, batch 2, no split: every step shows the discriminator the same pictures.
     synthetic_images(tmp_path / "two", 2, (64, 64), seed=3)
-    stage2(workspace, "repeated", "train.max_steps=6", f"data.train={tmp_path / 'two'}", "data.batch_size=2", "gan.mc_sampling=false", "optim.disc_lr=2e-3")
+    stage2(
+        workspace,
+        "repeated",
+        "train.max_steps=6",
+        f"data.train={tmp_path / 'two'}",
+        "data.batch_size=2",
+        "gan.mc_sampling=false",
+        "optim.disc_lr=2e-3",
+    )
     losses = scalars(workspace / "repeated", "train/discriminator_loss")
     assert len(losses) == 6
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses
 
 
 def test_binary_baseline_needs_no_labeller(workspace):
-    nets = stage2(workspace, "binary", "train.max_steps=1", "discriminator.target=binary", "init.labeller=no/such/labeller")
+    nets = stage2(
+        workspace,
+        "binary",
+        "train.max_steps=1",
+        "discriminator.target=binary",
+        "init.labeller=no/such/labeller",
+    )
     assert nets["discriminator"].num_classes == 2
     assert len(scalars(workspace / "binary", "disc/real_accuracy")) == 1
 
@@ -124,7 +149,11 @@ def test_trainable_bottleneck_gets_the_quantile_optimizer(workspace):
     assert_same(before, after, [n for n in after if n.startswith("encoder.")])
     assert not torch.equal(before["hyper_bottleneck.quantiles"], after["hyper_bottleneck.quantiles"])
     assert not torch.equal(before["hyper_analysis.0.weight"], after["hyper_analysis.0.weight"])
-    assert set(read_checkpoint(step_checkpoints(workspace / "open")[-1])["optimizers"]) == {"generator", "discriminator", "aux"}
+    assert set(read_checkpoint(step_checkpoints(workspace / "open")[-1])["optimizers"]) == {
+        "generator",
+        "discriminator",
+        "aux",
+    }
 
 
 def test_bf16_run(workspace):
@@ -144,7 +173,9 @@ def test_resume_continues_exactly(workspace):
 
 @pytest.mark.slow  # two child processes
 def test_two_values_sweep_makes_two_runs(workspace, capsys):
-    finetune.cli([*stage2_args(workspace, "sweep", "train.max_steps=1"), "--sweep", "gan.generator_weight=0.004,0.016"])
+    finetune.cli(
+        [*stage2_args(workspace, "sweep", "train.max_steps=1"), "--sweep", "gan.generator_weight=0.004,0.016"]
+    )
     for value in ("0.004", "0.016"):
         run = workspace / "sweep" / f"gan.generator_weight={value}"
         assert read_checkpoint(step_checkpoints(run)[-1])["step"] == 1
@@ -154,7 +185,12 @@ def test_two_values_sweep_makes_two_runs(workspace, capsys):
 
 @pytest.mark.slow
 def test_two_processes_keep_identical_weights(workspace, tmp_path):
-    launch_two_processes(DDP_TRAIN, "finetune", str(tmp_path), *stage2_args(workspace, "ddp", "train.max_steps=2", "checkpoint.every=100"))
+    launch_two_processes(
+        DDP_TRAIN,
+        "finetune",
+        str(tmp_path),
+        *stage2_args(workspace, "ddp", "train.max_steps=2", "checkpoint.every=100"),
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and {r["world"] for r in ranks} == {2}
     params0, params1 = ranks[0]["params"], ranks[1]["params"]
@@ -166,7 +202,12 @@ def test_two_processes_keep_identical_weights(workspace, tmp_path):
 @pytest.mark.slow
 def test_sweep_in_two_processes_runs_every_experiment(workspace):
     # Each experiment ends its Accelerator; the next one must find the process group still up.
-    out = launch_two_processes(REPO / "scripts/finetune_gan.py", *stage2_args(workspace, "ddp_sweep", "train.max_steps=1"), "--sweep", "gan.generator_weight=0.004,0.016")
+    out = launch_two_processes(
+        REPO / "scripts/finetune_gan.py",
+        *stage2_args(workspace, "ddp_sweep", "train.max_steps=1"),
+        "--sweep",
+        "gan.generator_weight=0.004,0.016",
+    )
     assert out.count("processes: 2") == 2
     for value in ("0.004", "0.016"):
         assert step_checkpoints(workspace / "ddp_sweep" / f"gan.generator_weight={value}")

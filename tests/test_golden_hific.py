@@ -48,8 +48,12 @@ def test_official_state_dict_loads_strictly_with_sized_or_empty_coder_tables(gol
     # A fresh, never-updated model (empty tables) of the architecture inferred from the shapes.
     fresh = HiFiCAutoencoder.from_state_dict(manifest_state_dict(manifest))
     assert len(fresh.decoder.resid_blocks) == 9
-    assert tuple(fresh.hyper_bottleneck._quantized_cdf.shape) == tuple(manifest["hyper_bottleneck._quantized_cdf"][0])
-    assert tuple(fresh.latent_bottleneck.scale_table.shape) == tuple(manifest["latent_bottleneck.scale_table"][0])
+    assert tuple(fresh.hyper_bottleneck._quantized_cdf.shape) == tuple(
+        manifest["hyper_bottleneck._quantized_cdf"][0]
+    )
+    assert tuple(fresh.latent_bottleneck.scale_table.shape) == tuple(
+        manifest["latent_bottleneck.scale_table"][0]
+    )
 
     fresh.load_state_dict(manifest_state_dict(manifest, empty_tables=True), strict=True)
     assert fresh.hyper_bottleneck._quantized_cdf.numel() == 0

@@ -26,7 +26,6 @@ from illm.experiment import FinetuneConfig, PretrainConfig
 from illm.losses import build_distortion, rate_schedule, targeted_rate
 from illm.models.vqvae import VQVAE
 from illm.optimizer import lr_schedule
-from illm.stages.finetune import build_parts as build_finetune_parts
 from illm.stages.finetune import (
     PatchTargets,
     build_discriminator,
@@ -36,6 +35,7 @@ from illm.stages.finetune import (
     latent_channels,
     num_classes,
 )
+from illm.stages.finetune import build_parts as build_finetune_parts
 from illm.stages.pretrain import build_autoencoder, pretrain_iteration
 from illm.stages.pretrain import build_parts as build_pretrain_parts
 
@@ -50,7 +50,10 @@ def golden():
         pytest.fail(f"golden training file not found: {GOLDEN_TRAIN}")
     data = torch.load(GOLDEN_TRAIN, weights_only=True)
     if data.get("format") != "golden_train/1":
-        pytest.fail(f"{GOLDEN_TRAIN}: format {data.get('format')!r}; this test reads one-iteration files (golden_train/1)")
+        pytest.fail(
+            f"{GOLDEN_TRAIN}: format {data.get('format')!r}; this test reads one-iteration files "
+            "(golden_train/1)"
+        )
     return data
 
 
@@ -87,16 +90,37 @@ def compare_tensor(report: Report, kind: str, name: str, ours: torch.Tensor, dig
     norm = digest["norm"]
     rms = norm / math.sqrt(digest["numel"]) if norm > 0 else 1.0
     report.check(f"{kind}.norm", f"{kind} {name}", relative(ours.norm().item(), norm))
-    report.check(f"{kind}.sum", f"{kind} {name}", abs(ours.sum().item() - digest["sum"]) / max(abs(digest["sum"]), norm, 1e-30))
-    report.check(f"{kind}.val", f"{kind} {name}", (ours[digest["idx"]] - digest["val"]).abs().max().item() / rms)
+    report.check(
+        f"{kind}.sum",
+        f"{kind} {name}",
+        abs(ours.sum().item() - digest["sum"]) / max(abs(digest["sum"]), norm, 1e-30),
+    )
+    report.check(
+        f"{kind}.val", f"{kind} {name}", (ours[digest["idx"]] - digest["val"]).abs().max().item() / rms
+    )
 
 
-def compare_step(report: Report, name: str, before: torch.Tensor, after: torch.Tensor, golden_after: dict, golden_update: dict) -> None:
+def compare_step(
+    report: Report,
+    name: str,
+    before: torch.Tensor,
+    after: torch.Tensor,
+    golden_after: dict,
+    golden_update: dict,
+) -> None:
     """Parameters after the step and the update: norms, and the sampled values where robust."""
     after, before = after.detach().double().reshape(-1), before.double().reshape(-1)
     update = after - before
-    report.check("params_after.norm", f"params_after {name}", relative(after.norm().item(), golden_after["norm"]))
-    report.check("updates.norm", f"updates {name}", relative(update.norm().item(), golden_update["norm"]) if golden_update["norm"] else update.norm().item())
+    report.check(
+        "params_after.norm", f"params_after {name}", relative(after.norm().item(), golden_after["norm"])
+    )
+    report.check(
+        "updates.norm",
+        f"updates {name}",
+        relative(update.norm().item(), golden_update["norm"])
+        if golden_update["norm"]
+        else update.norm().item(),
+    )
     robust, lr = golden_after["robust"], golden_after["lr"]
     if robust.any():
         idx = golden_after["idx"][robust]
@@ -107,7 +131,9 @@ def compare_step(report: Report, name: str, before: torch.Tensor, after: torch.T
         report.check("updates.val", f"updates {name}", excess.max().item())
 
 
-def compare_logged(report: Report, ours: dict, golden_logged: dict, exact=("train/target", "train/lam2")) -> None:
+def compare_logged(
+    report: Report, ours: dict, golden_logged: dict, exact=("train/target", "train/lam2")
+) -> None:
     for key, value in golden_logged.items():
         assert key in ours, f"the iteration does not log {key}"
         mine = float(ours[key].detach()) if isinstance(ours[key], torch.Tensor) else float(ours[key])
@@ -177,16 +203,23 @@ def rate_overrides(rate_target: dict, steps_per_iteration: int) -> list[str]:
 
 
 def check_released_rate(cfg, rate_target: dict, steps_per_iteration: int) -> None:
-    expected = dict(override.removeprefix("rate.").split("=") for override in rate_overrides(rate_target, steps_per_iteration))
+    expected = dict(
+        override.removeprefix("rate.").split("=")
+        for override in rate_overrides(rate_target, steps_per_iteration)
+    )
     for key, value in expected.items():
-        assert float(getattr(cfg.rate, key)) == float(value), f"rate.{key}: released {getattr(cfg.rate, key)}, official {value}"
+        assert float(getattr(cfg.rate, key)) == float(value), (
+            f"rate.{key}: released {getattr(cfg.rate, key)}, official {value}"
+        )
 
 
 def check_optimizer(name: str, optimizer, official: dict) -> None:
     group = optimizer.param_groups[0]
     for key in ("weight_decay", "eps"):
         assert group[key] == official[key], f"{name}.{key}: ours {group[key]}, official {official[key]}"
-    assert list(group["betas"]) == list(official["betas"]), f"{name}.betas: ours {group['betas']}, official {official['betas']}"
+    assert list(group["betas"]) == list(official["betas"]), (
+        f"{name}.betas: ours {group['betas']}, official {official['betas']}"
+    )
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == official["num_params"], name
 
 
@@ -205,14 +238,19 @@ def test_stage1_iteration_matches_official(golden):
     report = Report(golden["tolerances"], golden["tolerances_strict"])
 
     # The released config is the official recipe.
-    cfg = load_config(PretrainConfig, REPO / "configs" / f"{official['rate_target']['target_bpp']}bpp.toml", [])
+    cfg = load_config(
+        PretrainConfig, REPO / "configs" / f"{official['rate_target']['target_bpp']}bpp.toml", []
+    )
     check_released_rate(cfg, official["rate_target"], per_iteration)
     assert cfg.train.max_steps == official["trainer.max_steps"]  # counted steps / optimizers = iterations
     assert cfg.data.global_batch_size == official["ngpu"] * official["data.batch_size"]
     assert cfg.train.grad_clip == official["lightning_module"]["gradient_clip_val"]
     assert cfg.distortion.mse_weight == config["distortion_loss"]["mse_param"]
     assert cfg.distortion.lpips_weight == config["distortion_loss"]["lpips_param"]
-    assert cfg.distortion.lam == config["distortion_lam"] and cfg.lpips.net == config["distortion_loss"]["backbone"]
+    assert (
+        cfg.distortion.lam == config["distortion_lam"]
+        and cfg.lpips.net == config["distortion_loss"]["backbone"]
+    )
     model_opt = config["optimizers"]["model_opt"]
     assert (cfg.optim.schedule, cfg.optim.lr) == ("ramp_quarter_cosine", model_opt["initial_lr"])
     assert cfg.optim.warmup_steps == model_opt["schedule_params"]["num_ramp_steps"]
@@ -220,7 +258,10 @@ def test_stage1_iteration_matches_official(golden):
     assert cfg.optim.aux_lr == config["optimizers"]["quantile_opt"]["initial_lr"]
 
     model_cfg = config["model"]
-    cfg.model.latent_channels, cfg.model.hyper_channels = model_cfg["latent_features"], model_cfg["hyper_features"]
+    cfg.model.latent_channels, cfg.model.hyper_channels = (
+        model_cfg["latent_features"],
+        model_cfg["hyper_features"],
+    )
     cfg.model.num_residual_blocks = model_cfg["num_residual_blocks"]
     model = fill_(build_autoencoder(cfg.model), config["salt"]["hific"]).train()
     distortion = build_distortion(cfg.distortion, lpips_filled(config["salt"]["lpips"]))
@@ -230,7 +271,11 @@ def test_stage1_iteration_matches_official(golden):
     check_optimizer("model_opt", optimizer, model_opt)
     check_optimizer("quantile_opt", aux_optimizer, config["optimizers"]["quantile_opt"])
     report.check("lr", "model_opt lr", relative(optimizer.param_groups[0]["lr"], model_opt["lr_used"]))
-    report.check("lr", "quantile_opt lr", relative(aux_optimizer.param_groups[0]["lr"], config["optimizers"]["quantile_opt"]["lr_used"]))
+    report.check(
+        "lr",
+        "quantile_opt lr",
+        relative(aux_optimizer.param_groups[0]["lr"], config["optimizers"]["quantile_opt"]["lr_used"]),
+    )
 
     names = {id(p): n for n, p in model.named_parameters()}
     recorder = GradientRecorder({"model_opt": optimizer, "quantile_opt": aux_optimizer}, names)
@@ -241,15 +286,29 @@ def test_stage1_iteration_matches_official(golden):
     compare_logged(report, {**result.logs, **result.quality()}, record["logged"])
     rate = result.extras["rate"]
     forward = record["forward"]
-    for ours, key in ((rate.latent_bpp, "noisy_bpp_latent"), (rate.hyper_bpp, "noisy_bpp_hyper"),
-                      (rate.rounded_latent_bpp, "quantized_bpp_latent"), (rate.rounded_hyper_bpp, "quantized_bpp_hyper")):  # fmt: skip
+    for ours, key in (
+        (rate.latent_bpp, "noisy_bpp_latent"),
+        (rate.hyper_bpp, "noisy_bpp_hyper"),
+        (rate.rounded_latent_bpp, "quantized_bpp_latent"),
+        (rate.rounded_hyper_bpp, "quantized_bpp_hyper"),
+    ):
         for mine, theirs in zip(ours.tolist(), forward[f"{key}_per_image"]):
             report.check("logged", f"{key} per image", relative(mine, theirs))
-    report.check("grad_norm_before_clip", "model_opt", relative(float(result.logs["optim/grad_norm"]), record["grad_norm_before_clip"]["model_opt"]))
+    report.check(
+        "grad_norm_before_clip",
+        "model_opt",
+        relative(float(result.logs["optim/grad_norm"]), record["grad_norm_before_clip"]["model_opt"]),
+    )
     quantile_grad = recorder.grads["quantile_opt"]["hyper_bottleneck.quantiles"]
-    report.check("grad_norm_before_clip", "quantiles", relative(quantile_grad.norm().item(), record["quantile_grad_norm"]))
+    report.check(
+        "grad_norm_before_clip",
+        "quantiles",
+        relative(quantile_grad.norm().item(), record["quantile_grad_norm"]),
+    )
     for label, digests in record["grads"].items():
-        assert set(recorder.grads[label]) == set(digests), f"{label}: other parameters than the official optimizer's"
+        assert set(recorder.grads[label]) == set(digests), (
+            f"{label}: other parameters than the official optimizer's"
+        )
         for name, digest in digests.items():
             compare_tensor(report, "grads", name, recorder.grads[label][name], digest)
     params = dict(model.named_parameters())
@@ -258,7 +317,11 @@ def test_stage1_iteration_matches_official(golden):
         if before is None:  # not stepped by any optimizer (none in stage 1)
             pytest.fail(f"parameter {name} was not stepped")
         compare_step(report, name, before, params[name], digest, record["updates"][name])
-    for key, ours in (("image", result.out.images), ("latent", result.out.latent), ("hyper_latent", result.out.hyper_latent)):
+    for key, ours in (
+        ("image", result.out.images),
+        ("latent", result.out.latent),
+        ("hyper_latent", result.out.hyper_latent),
+    ):
         compare_tensor(report, "forward", key, ours, forward[key])
     assert model.training and not distortion.lpips.net.training
     report.assert_ok()
@@ -274,21 +337,32 @@ def test_stage2_iteration_matches_official(golden):
     report = Report(golden["tolerances"], golden["tolerances_strict"])
     rate_target = config["rate_target"]
 
-    released = load_config(FinetuneConfig, REPO / "configs" / f"finetune_{rate_target['target_bpp']}bpp.toml", [])
+    released = load_config(
+        FinetuneConfig, REPO / "configs" / f"finetune_{rate_target['target_bpp']}bpp.toml", []
+    )
     check_released_rate(released, config["rate_target_finetune_command"], per_iteration)
     assert released.train.max_steps == official["trainer.max_steps"]
     assert released.data.global_batch_size == official["ngpu"] * official["data.batch_size"]
-    assert released.data.batch_size == official["data.batch_size"] and released.gan.mc_sampling == config["mc_sampling"]
+    assert (
+        released.data.batch_size == official["data.batch_size"]
+        and released.gan.mc_sampling == config["mc_sampling"]
+    )
     assert released.gan.generator_weight == config["generator_weight"]
     assert (released.freeze.encoder, released.freeze.bottleneck) == (True, True)
     # The golden step ran with the stage-1 rate target (see the README); the rest is the release.
-    cfg = load_config(FinetuneConfig, REPO / "configs" / f"finetune_{rate_target['target_bpp']}bpp.toml",
-                      rate_overrides(rate_target, per_iteration) + ["data.batch_size=4"])  # fmt: skip
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs" / f"finetune_{rate_target['target_bpp']}bpp.toml",
+        rate_overrides(rate_target, per_iteration) + ["data.batch_size=4"],
+    )
     assert cfg.discriminator.context_channels == config["discriminator"]["context_out"]
 
     model_cfg = config["model"]
     hific_cfg = load_config(PretrainConfig, REPO / "configs" / "0.14bpp.toml", []).model
-    hific_cfg.latent_channels, hific_cfg.hyper_channels = model_cfg["latent_features"], model_cfg["hyper_features"]
+    hific_cfg.latent_channels, hific_cfg.hyper_channels = (
+        model_cfg["latent_features"],
+        model_cfg["hyper_features"],
+    )
     hific_cfg.num_residual_blocks = model_cfg["num_residual_blocks"]
     model = freeze_autoencoder(fill_(build_autoencoder(hific_cfg), config["salt"]["hific"]), cfg.freeze)
     labeller = freeze_labeller(fill_(VQVAE(), config["salt"]["vqvae"]))
@@ -302,7 +376,9 @@ def test_stage2_iteration_matches_official(golden):
     assert parts.aux_optimizer is None  # the frozen quantiles have no optimizer, as officially
     for name, ours in (("model_opt", optimizer), ("discriminator_opt", disc_optimizer)):
         check_optimizer(name, ours, config["optimizers"][name])
-        report.check("lr", f"{name} lr", relative(ours.param_groups[0]["lr"], config["optimizers"][name]["lr_used"]))
+        report.check(
+            "lr", f"{name} lr", relative(ours.param_groups[0]["lr"], config["optimizers"][name]["lr_used"])
+        )
 
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if n in record["unchanged"]}
     names = {id(p): n for n, p in model.named_parameters()}
@@ -315,32 +391,58 @@ def test_stage2_iteration_matches_official(golden):
     for ours, key in ((result.extras["generator_targets"], "model"), (result.extras["real_targets"], "disc")):
         mismatch = int(((ours - 1) != record["labels"][key]).sum())
         report.check("labels_mismatch", f"labels {key}", mismatch)
-    logits = {"generator_step": "generator_logits", "discriminator_fake": "fake_logits", "discriminator_real": "real_logits"}
+    logits = {
+        "generator_step": "generator_logits",
+        "discriminator_fake": "fake_logits",
+        "discriminator_real": "real_logits",
+    }
     for call in record["discriminator_calls"]:
-        compare_tensor(report, "forward", f"logits {call['role']}", result.extras[logits[call["role"]]], call["logits"])
+        compare_tensor(
+            report, "forward", f"logits {call['role']}", result.extras[logits[call["role"]]], call["logits"]
+        )
 
     compare_logged(report, {**result.logs, **result.quality()}, record["logged"])
     # The fine-tune command's own rate configuration: the same forward, another rate weighting.
     rate = result.extras["rate"]
     target, lam_above = rate_schedule(released.rate, iteration)
     command_rate = targeted_rate(rate.bpp, rate.rounded_bpp, target, released.rate.lam_below, lam_above)
-    command_total = float(result.logs["train/distortion_loss"]) + float(command_rate) + cfg.gan.generator_weight * float(result.logs["train/generator_loss"])
-    compare_logged(report, {"train/rate_loss": command_rate, "train/total_model_loss": command_total,
-                            "train/target": target, "train/lam2": lam_above}, record["logged_finetune_command"])  # fmt: skip
+    command_total = (
+        float(result.logs["train/distortion_loss"])
+        + float(command_rate)
+        + cfg.gan.generator_weight * float(result.logs["train/generator_loss"])
+    )
+    compare_logged(
+        report,
+        {
+            "train/rate_loss": command_rate,
+            "train/total_model_loss": command_total,
+            "train/target": target,
+            "train/lam2": lam_above,
+        },
+        record["logged_finetune_command"],
+    )
 
     grad_norms = {"model_opt": "optim/grad_norm", "discriminator_opt": "optim/disc_grad_norm"}
     for label, value in record["grad_norm_before_clip"].items():
         report.check("grad_norm_before_clip", label, relative(float(result.logs[grad_norms[label]]), value))
     for label, digests in record["grads"].items():
-        assert set(recorder.grads[label]) == set(digests), f"{label}: other parameters than the official optimizer's"
+        assert set(recorder.grads[label]) == set(digests), (
+            f"{label}: other parameters than the official optimizer's"
+        )
         for name, digest in digests.items():
             compare_tensor(report, "grads", name, recorder.grads[label][name], digest)
     params = {**dict(model.named_parameters()), **dict(discriminator.named_parameters())}
     for group in ("model", "discriminator"):
         for name, digest in record["params_after"][group].items():
-            compare_step(report, name, recorder.before[name], params[name], digest, record["updates"][group][name])
+            compare_step(
+                report, name, recorder.before[name], params[name], digest, record["updates"][group][name]
+            )
     forward = record["forward"]
-    for key, ours in (("image", result.out.images), ("latent", result.out.latent), ("hyper_latent", result.out.hyper_latent)):
+    for key, ours in (
+        ("image", result.out.images),
+        ("latent", result.out.latent),
+        ("hyper_latent", result.out.hyper_latent),
+    ):
         compare_tensor(report, "forward", key, ours, forward[key])
 
     # Frozen parts: bit-identical, no gradient, eval mode.
@@ -349,11 +451,22 @@ def test_stage2_iteration_matches_official(golden):
         value = params[name].detach()
         assert params[name].grad is None, f"frozen {name} got a gradient"
         assert torch.equal(value, frozen[name]), f"frozen {name} changed"
-        assert torch.equal(value.double().reshape(-1)[digest["idx"]], digest["val"]), f"frozen {name} differs from the official fill"
-        assert abs(value.double().sum().item() - digest["sum"]) <= golden["tolerances"]["unchanged"] * max(1.0, abs(digest["sum"]))
-    modes = {"encoder": model.encoder, "hyper_analysis": model.hyper_analysis, "hyper_bottleneck": model.hyper_bottleneck,
-             "latent_bottleneck": model.latent_bottleneck, "decoder": model.decoder, "discriminator": discriminator,
-             "latent_projector": labeller, "lpips": distortion.lpips.net}  # fmt: skip
+        assert torch.equal(value.double().reshape(-1)[digest["idx"]], digest["val"]), (
+            f"frozen {name} differs from the official fill"
+        )
+        assert abs(value.double().sum().item() - digest["sum"]) <= golden["tolerances"]["unchanged"] * max(
+            1.0, abs(digest["sum"])
+        )
+    modes = {
+        "encoder": model.encoder,
+        "hyper_analysis": model.hyper_analysis,
+        "hyper_bottleneck": model.hyper_bottleneck,
+        "latent_bottleneck": model.latent_bottleneck,
+        "decoder": model.decoder,
+        "discriminator": discriminator,
+        "latent_projector": labeller,
+        "lpips": distortion.lpips.net,
+    }
     for name, module in modes.items():
         assert module.training == config["module_modes"][f"{name}.training"], f"{name}.training"
     report.assert_ok()
@@ -362,7 +475,9 @@ def test_stage2_iteration_matches_official(golden):
 # --- the LR factor curve ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("step", [0, 1, 5000, 9999, 10000, 10001, 250_000, 500_000, 999_999, 1_000_000, 1_010_000, 1_500_000])
+@pytest.mark.parametrize(
+    "step", [0, 1, 5000, 9999, 10000, 10001, 250_000, 500_000, 999_999, 1_000_000, 1_010_000, 1_500_000]
+)
 def test_lr_factor_follows_the_official_formula(step):
     """The released stage-1 schedule against `RampCosineLRSchedule`'s formula, written out here."""
     cfg = load_config(PretrainConfig, REPO / "configs" / "0.14bpp.toml", [])

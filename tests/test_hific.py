@@ -77,8 +77,14 @@ def test_frozen_parts_stay_frozen_across_train_calls(model):
     model.freeze_bottleneck()
     model.train()
     assert model.decoder.training
-    frozen = [model.encoder, model.hyper_analysis, model.hyper_synthesis_mean, model.hyper_synthesis_scale,
-              model.hyper_bottleneck, model.latent_bottleneck]
+    frozen = [
+        model.encoder,
+        model.hyper_analysis,
+        model.hyper_synthesis_mean,
+        model.hyper_synthesis_scale,
+        model.hyper_bottleneck,
+        model.latent_bottleneck,
+    ]
     assert not any(module.training for part in frozen for module in part.modules())
     assert not any(param.requires_grad for part in frozen for param in part.parameters())
     assert all(param.requires_grad for param in model.decoder.parameters())
@@ -124,7 +130,8 @@ def test_strings_decode_across_model_dtypes(model):
     torch.testing.assert_close(
         double.decompress(latent_string, hyper_string, 64, 64),
         model.decompress(latent_string, hyper_string, 64, 64),
-        atol=1e-5, rtol=0,
+        atol=1e-5,
+        rtol=0,
     )
 
 
@@ -150,8 +157,11 @@ def test_state_dicts_with_compressai_1_1_key_names_load(model):
     updated.update()
     legacy_names = {"matrices": "_matrix", "biases": "_bias", "factors": "_factor"}
     legacy_state = {
-        re.sub(r"hyper_bottleneck\.(matrices|biases|factors)\.(\d+)",
-               lambda m: f"hyper_bottleneck.{legacy_names[m[1]]}{m[2]}", name): value
+        re.sub(
+            r"hyper_bottleneck\.(matrices|biases|factors)\.(\d+)",
+            lambda m: f"hyper_bottleneck.{legacy_names[m[1]]}{m[2]}",
+            name,
+        ): value
         for name, value in updated.state_dict().items()
     }
     assert "hyper_bottleneck._matrix0" in legacy_state

@@ -19,7 +19,9 @@ def photo() -> np.ndarray:
     return np.ascontiguousarray(data.chelsea()[:48, :64])  # H x W x 3 uint8
 
 
-def write_png(path, pixels: np.ndarray, bit_depth: int = 8, width: int | None = None, height: int | None = None):
+def write_png(
+    path, pixels: np.ndarray, bit_depth: int = 8, width: int | None = None, height: int | None = None
+):
     """A minimal PNG writer: Pillow cannot write 16-bit RGB, and a forged header is needed too."""
     rows, columns, channels = pixels.shape
     color_type = {1: 0, 3: 2, 4: 6}[channels]
@@ -31,7 +33,10 @@ def write_png(path, pixels: np.ndarray, bit_depth: int = 8, width: int | None = 
 
     header = struct.pack(">IIBBBBB", width or columns, height or rows, bit_depth, color_type, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
     )
 
 
@@ -43,7 +48,9 @@ def as_hwc(image: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("suffix", [".png", ".webp", ".bmp"])
 def test_lossless_formats_read_back_exactly(tmp_path, photo, suffix):
     path = tmp_path / f"photo{suffix}"
-    Image.fromarray(photo).save(path, lossless=True) if suffix == ".webp" else Image.fromarray(photo).save(path)
+    Image.fromarray(photo).save(path, lossless=True) if suffix == ".webp" else Image.fromarray(photo).save(
+        path
+    )
     np.testing.assert_array_equal(as_hwc(images.read_image(path)), photo)
 
 
@@ -63,7 +70,9 @@ def test_16_bit_png_keeps_the_high_byte(tmp_path, channels):
         warnings.simplefilter("ignore")  # the alpha warning, tested elsewhere
         image = as_hwc(images.read_image(tmp_path / "deep.png"))
     expected = (levels >> 8).astype(np.uint8)
-    np.testing.assert_array_equal(image, expected[:, :, :3] if channels > 1 else np.repeat(expected, 3, axis=2))
+    np.testing.assert_array_equal(
+        image, expected[:, :, :3] if channels > 1 else np.repeat(expected, 3, axis=2)
+    )
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg"])
@@ -144,7 +153,9 @@ def test_to_float_and_to_uint8_round_trip():
 
 
 def test_to_uint8_rounds_and_clamps():
-    values = torch.tensor([-0.2, 0.0, 0.4 / 255, 0.6 / 255, 254.6 / 255, 1.3]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    values = (
+        torch.tensor([-0.2, 0.0, 0.4 / 255, 0.6 / 255, 254.6 / 255, 1.3]).view(1, 1, 1, 6).expand(1, 3, 1, 6)
+    )
     assert images.to_uint8(values)[0, 0].tolist() == [0, 0, 0, 1, 255, 255]
 
 

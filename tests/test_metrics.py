@@ -17,7 +17,9 @@ def test_psnr_matches_hand_computation_on_rounded_images():
     reconstruction[..., 0, 0] = 90 / 255
     expected = 10 * math.log10(255**2 / 100)
     assert metrics.psnr(original, reconstruction).item() == pytest.approx(expected, abs=1e-4)
-    as_uint8 = metrics.psnr((original * 255).round().to(torch.uint8), (reconstruction * 255).round().to(torch.uint8))
+    as_uint8 = metrics.psnr(
+        (original * 255).round().to(torch.uint8), (reconstruction * 255).round().to(torch.uint8)
+    )
     assert as_uint8.item() == pytest.approx(expected, abs=1e-4)
 
 
@@ -73,7 +75,14 @@ def test_dists_random_backbone_is_zero_for_identical_images(offline):
 
 @pytest.mark.parametrize(
     "height, width, expected",
-    [(512, 768, 2 * 3 + 1 * 2), (300, 300, 1), (384, 384, 1 + 1), (383, 1024, 4), (200, 300, 0), (256, 256, 1)],
+    [
+        (512, 768, 2 * 3 + 1 * 2),
+        (300, 300, 1),
+        (384, 384, 1 + 1),
+        (383, 1024, 4),
+        (200, 300, 0),
+        (256, 256, 1),
+    ],
 )
 def test_fid_patch_counts(height, width, expected):
     assert len(metrics.fid_patches(torch.rand(1, 3, height, width))) == expected
@@ -110,7 +119,9 @@ def test_kernel_distance_handles_fewer_samples_than_the_subset_size():
     rng = np.random.default_rng(0)
     real = torch.from_numpy(rng.normal(size=(20, 8)))
     far = torch.from_numpy(rng.normal(3.0, 1.0, size=(20, 8)))
-    assert metrics.kernel_distance(real, far) > 10 * abs(metrics.kernel_distance(real, real[torch.randperm(20)]))
+    assert metrics.kernel_distance(real, far) > 10 * abs(
+        metrics.kernel_distance(real, real[torch.randperm(20)])
+    )
 
 
 def test_missing_backbone_raises_a_one_line_error_naming_the_file(offline):

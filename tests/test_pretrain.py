@@ -42,13 +42,22 @@ def scalars(run_dir) -> EventAccumulator:
 
 
 def test_runs_end_to_end_and_logs(tmp_path, folders):
-    train(tiny(tmp_path / "run", folders, "train.max_steps=4", "logging.every=2", "logging.val_every=4", "checkpoint.every=4"))
+    train(
+        tiny(
+            tmp_path / "run",
+            folders,
+            "train.max_steps=4",
+            "logging.every=2",
+            "logging.val_every=4",
+            "checkpoint.every=4",
+        )
+    )
     events = scalars(tmp_path / "run")
     tags = set(events.Tags()["scalars"])
     expected = [
         "train/total_loss", "train/noisy_total_bpp", "train/quantized_total_bpp", "train/target", "train/lam2",
-        "train/quantile_loss", "train/psnr", "train/mse", "optim/lr", "optim/grad_norm", "perf/images_per_second",
-        "val/psnr", "val/ms_ssim", "val/lpips",
+        "train/quantile_loss", "train/psnr", "train/mse", "optim/lr", "optim/grad_norm",
+        "perf/images_per_second", "val/psnr", "val/ms_ssim", "val/lpips",
     ]  # fmt: skip
     for tag in expected:
         assert tag in tags, tag
@@ -60,8 +69,24 @@ def test_runs_end_to_end_and_logs(tmp_path, folders):
 
 
 def test_loss_falls_on_a_repeated_batch(tmp_path):
-    synthetic_images(tmp_path / "one", 4, (64, 64), seed=3)  # crops of the full image: the same batch each step
-    cfg = load_config(PretrainConfig, TINY, [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'one'}", "data.val=''", "train.max_steps=30", "logging.every=1", "optim.warmup_steps=1", "checkpoint.every=30", "rate.lam_above=0.0", "rate.lam_below=0.0"])
+    synthetic_images(
+        tmp_path / "one", 4, (64, 64), seed=3
+    )  # crops of the full image: the same batch each step
+    cfg = load_config(
+        PretrainConfig,
+        TINY,
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"data.train={tmp_path / 'one'}",
+            "data.val=''",
+            "train.max_steps=30",
+            "logging.every=1",
+            "optim.warmup_steps=1",
+            "checkpoint.every=30",
+            "rate.lam_above=0.0",
+            "rate.lam_below=0.0",
+        ],
+    )
     train(cfg)
     losses = [e.value for e in scalars(tmp_path / "run").Scalars("train/distortion_loss")]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
@@ -86,13 +111,26 @@ def test_other_experiment_in_the_same_folder_is_refused(tmp_path, folders):
 
     with pytest.raises(IllmError, match="another experiment"):
         train(tiny(tmp_path / "run", folders, "train.max_steps=2", "optim.lr=0.01", "data.val=''"))
-    train(tiny(tmp_path / "run", folders, "train.max_steps=2", "optim.lr=0.01", "run.overwrite=true", "data.val=''"))
+    train(
+        tiny(
+            tmp_path / "run",
+            folders,
+            "train.max_steps=2",
+            "optim.lr=0.01",
+            "run.overwrite=true",
+            "data.val=''",
+        )
+    )
     assert list(tmp_path.glob("run.replaced-*/checkpoints/step_00000001.pt"))  # moved aside, not deleted
 
 
 @pytest.mark.parametrize(
     "override, message",
-    [("optim.lrr=0.1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"), ("optim.lr=-1", "key 'optim.lr': must be > 0"), ("data.crop_size=100", "multiple of 64")],
+    [
+        ("optim.lrr=0.1", "unknown key 'optim.lrr' (did you mean 'optim.lr'?)"),
+        ("optim.lr=-1", "key 'optim.lr': must be > 0"),
+        ("data.crop_size=100", "multiple of 64"),
+    ],
 )
 def test_config_errors_are_one_line(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -107,14 +145,35 @@ def test_corrupt_image_is_skipped(tmp_path, folders):
     data = tmp_path / "data"
     synthetic_images(data, 5, (64, 64), seed=4)
     (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
-    train(load_config(PretrainConfig, TINY, [f"run.dir={tmp_path / 'run'}", f"data.train={data}", "data.val=''", "data.batch_size=6", "train.max_steps=2", "logging.every=1"]))
+    train(
+        load_config(
+            PretrainConfig,
+            TINY,
+            [
+                f"run.dir={tmp_path / 'run'}",
+                f"data.train={data}",
+                "data.val=''",
+                "data.batch_size=6",
+                "train.max_steps=2",
+                "logging.every=1",
+            ],
+        )
+    )
     skipped = scalars(tmp_path / "run").Scalars("data/skipped_images")
     assert skipped[-1].value >= 1
 
 
 @pytest.mark.slow
 def test_two_processes_keep_identical_parameters(tmp_path, folders):
-    overrides = [f"run.dir={tmp_path / 'run'}", f"data.train={folders / 'train'}", f"data.val={folders / 'val'}", "train.max_steps=3", "data.batch_size=2", "logging.val_every=3", "checkpoint.every=3"]
+    overrides = [
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train={folders / 'train'}",
+        f"data.val={folders / 'val'}",
+        "train.max_steps=3",
+        "data.batch_size=2",
+        "logging.val_every=3",
+        "checkpoint.every=3",
+    ]
     out = launch_two_processes(DDP_TRAIN, "pretrain", str(tmp_path), str(TINY), *overrides)
     ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and all(r["world"] == 2 for r in ranks)
@@ -127,7 +186,9 @@ def test_two_processes_keep_identical_parameters(tmp_path, folders):
 
 
 def iteration_parts(cfg, accelerator):
-    return build_parts(cfg, accelerator, build_autoencoder(cfg.model).train(), build_distortion(cfg.distortion, None))
+    return build_parts(
+        cfg, accelerator, build_autoencoder(cfg.model).train(), build_distortion(cfg.distortion, None)
+    )
 
 
 def test_grad_norm_is_logged_after_unscaling(tmp_path, folders):
@@ -143,7 +204,9 @@ def test_grad_norm_is_logged_after_unscaling(tmp_path, folders):
     parts = iteration_parts(cfg, accelerator)
     seen = []
     parts.optimizer.optimizer.register_step_pre_hook(
-        lambda opt, args, kwargs: seen.append(torch.stack([p.grad.norm() for p in opt.param_groups[0]["params"] if p.grad is not None]).norm())
+        lambda opt, args, kwargs: seen.append(
+            torch.stack([p.grad.norm() for p in opt.param_groups[0]["params"] if p.grad is not None]).norm()
+        )
     )
     result = pretrain_iteration(parts, [torch.rand(2, 3, 64, 64)], 0)
     assert len(seen) == 1 and parts.optimizer.optimizer.state  # the scaled step really stepped
@@ -173,7 +236,10 @@ def test_accumulation_steps_follow_the_global_batch(global_batch, batch, process
     assert accumulation_steps(data, processes) == expected
 
 
-@pytest.mark.parametrize(("global_batch", "batch", "processes", "hint"), [(16, 8, 8, "divides 2"), (16, 8, 3, "not divisible by 3")])
+@pytest.mark.parametrize(
+    ("global_batch", "batch", "processes", "hint"),
+    [(16, 8, 8, "divides 2"), (16, 8, 3, "not divisible by 3")],
+)
 def test_impossible_global_batch_is_a_one_line_error(global_batch, batch, processes, hint):
     with pytest.raises(ConfigError, match="data.global_batch_size") as error:
         accumulation_steps(DataSection(batch_size=batch, global_batch_size=global_batch), processes)

@@ -9,7 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 def test_config_reference_is_current():
     script = runpy.run_path(str(REPO / "scripts" / "update_readme.py"))  # its functions, not its main
     text = (REPO / "README.md").read_text()
-    assert script["updated"](text) == text, "README.md config reference is stale: run python scripts/update_readme.py"
+    assert script["updated"](text) == text, (
+        "README.md config reference is stale: run python scripts/update_readme.py"
+    )
 
 
 def test_readme_names_the_two_commands_and_they_exist():

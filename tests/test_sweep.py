@@ -31,7 +31,9 @@ class Recorder:
 
 def sweep(main, *args):
     """A sweep whose experiments run in this process, so that `main` can record them."""
-    run_with_sweeps(main, FinetuneConfig, [TINY, "run.dir=/tmp/base", *args], usage="usage", run_experiment=main)
+    run_with_sweeps(
+        main, FinetuneConfig, [TINY, "run.dir=/tmp/base", *args], usage="usage", run_experiment=main
+    )
 
 
 def test_values_split_at_top_level_commas_only():
@@ -43,15 +45,26 @@ def test_one_experiment_per_value_in_its_own_folder():
     main = Recorder()
     sweep(main, "--sweep", "gan.generator_weight=0.004,0.016", "train.max_steps=7")
     assert [c.gan.generator_weight for c in main.configs] == [0.004, 0.016]
-    assert [c.run.dir for c in main.configs] == ["/tmp/base/gan.generator_weight=0.004", "/tmp/base/gan.generator_weight=0.016"]
+    assert [c.run.dir for c in main.configs] == [
+        "/tmp/base/gan.generator_weight=0.004",
+        "/tmp/base/gan.generator_weight=0.016",
+    ]
     assert {c.train.max_steps for c in main.configs} == {7}  # the other overrides apply to every experiment
 
 
 def test_several_sweeps_give_the_cross_product_with_typed_values():
     main = Recorder()
-    sweep(main, "--sweep=discriminator.channels=[16,16,32,32],[8,8,16,16]", "--sweep", "init.labeller=runs/a b,runs/c")
+    sweep(
+        main,
+        "--sweep=discriminator.channels=[16,16,32,32],[8,8,16,16]",
+        "--sweep",
+        "init.labeller=runs/a b,runs/c",
+    )
     assert [(c.discriminator.channels, c.init.labeller) for c in main.configs] == [
-        ([16, 16, 32, 32], "runs/a b"), ([16, 16, 32, 32], "runs/c"), ([8, 8, 16, 16], "runs/a b"), ([8, 8, 16, 16], "runs/c"),
+        ([16, 16, 32, 32], "runs/a b"),
+        ([16, 16, 32, 32], "runs/c"),
+        ([8, 8, 16, 16], "runs/a b"),
+        ([8, 8, 16, 16], "runs/c"),
     ]
     assert Path(main.configs[1].run.dir).name == "discriminator.channels=_16_16_32_32_,init.labeller=runs_c"
 

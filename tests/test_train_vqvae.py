@@ -53,20 +53,47 @@ def events(run_dir) -> EventAccumulator:
 
 def test_runs_logs_and_gives_labels(tmp_path, folders):
     run = tmp_path / "run"
-    train(tiny(run, folders, "train.max_steps=4", "data.global_batch_size=8", "logging.every=2", "logging.val_every=4", "checkpoint.every=4", "loss.lpips_weight=0.5"))
+    train(
+        tiny(
+            run,
+            folders,
+            "train.max_steps=4",
+            "data.global_batch_size=8",
+            "logging.every=2",
+            "logging.val_every=4",
+            "checkpoint.every=4",
+            "loss.lpips_weight=0.5",
+        )
+    )
     logged = events(run)
     tags = set(logged.Tags()["scalars"])
     expected = [
-        "train/loss", "train/l1", "train/lpips", "train/commitment", "train/codebook",
-        "codebook/perplexity", "codebook/used_fraction", "codebook/dead_codes", "codebook/stale_codes",
-        "optim/lr", "optim/grad_norm", "perf/images_per_second",
-        "val/psnr", "val/ms_ssim", "val/lpips", "val/l1", "val/codebook/perplexity", "val/codebook/used_fraction",
+        "train/loss",
+        "train/l1",
+        "train/lpips",
+        "train/commitment",
+        "train/codebook",
+        "codebook/perplexity",
+        "codebook/used_fraction",
+        "codebook/dead_codes",
+        "codebook/stale_codes",
+        "optim/lr",
+        "optim/grad_norm",
+        "perf/images_per_second",
+        "val/psnr",
+        "val/ms_ssim",
+        "val/lpips",
+        "val/l1",
+        "val/codebook/perplexity",
+        "val/codebook/used_fraction",
     ]
     for tag in expected:
         assert tag in tags, tag
     assert [e.step for e in logged.Scalars("train/loss")] == [2, 4]
     assert 1 <= logged.Scalars("codebook/perplexity")[-1].value <= 64
-    assert {"train/input_vs_reconstruction", "val/input_vs_reconstruction", "val/input_vs_labels"} <= set(logged.Tags()["images"])
+    assert {"train/input_vs_reconstruction", "val/input_vs_reconstruction", "val/input_vs_labels"} <= set(
+        logged.Tags()["images"]
+    )
 
     labeller = zoo.load(run, kind="vqvae")
     labels = labeller.labels(torch.rand(2, 3, 64, 96))
@@ -75,8 +102,22 @@ def test_runs_logs_and_gives_labels(tmp_path, folders):
 
 
 def test_loss_falls_on_a_repeated_batch(tmp_path):
-    synthetic_images(tmp_path / "two", 2, (64, 64), seed=3)  # the crop is the whole image: the same batch each step
-    cfg = load_config(VQVAEConfig, TINY, [f"run.dir={tmp_path / 'run'}", f"data.train={tmp_path / 'two'}", "data.val=''", "data.batch_size=2", "train.max_steps=16", "logging.every=1", "checkpoint.every=16"])
+    synthetic_images(
+        tmp_path / "two", 2, (64, 64), seed=3
+    )  # the crop is the whole image: the same batch each step
+    cfg = load_config(
+        VQVAEConfig,
+        TINY,
+        [
+            f"run.dir={tmp_path / 'run'}",
+            f"data.train={tmp_path / 'two'}",
+            "data.val=''",
+            "data.batch_size=2",
+            "train.max_steps=16",
+            "logging.every=1",
+            "checkpoint.every=16",
+        ],
+    )
     train(cfg)
     losses = [e.value for e in events(tmp_path / "run").Scalars("train/loss")]
     assert sum(losses[-4:]) / 4 < 0.6 * sum(losses[:4]) / 4
@@ -84,7 +125,16 @@ def test_loss_falls_on_a_repeated_batch(tmp_path):
 
 def test_dead_codes_are_reseeded_from_recent_latents(tmp_path, folders):
     # Every code not picked in the last step is dead at step 4, the final step.
-    train(tiny(tmp_path / "run", folders, *FAST, "train.max_steps=4", "codebook.dead_after=1", "codebook.reseed_every=4"))
+    train(
+        tiny(
+            tmp_path / "run",
+            folders,
+            *FAST,
+            "train.max_steps=4",
+            "codebook.dead_after=1",
+            "codebook.reseed_every=4",
+        )
+    )
     reseeded = events(tmp_path / "run").Scalars("codebook/reseeded_codes")
     assert [e.step for e in reseeded] == [4] and reseeded[0].value > 0
     checkpoint = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000004.pt")
@@ -100,7 +150,13 @@ def test_dead_codes_are_reseeded_from_recent_latents(tmp_path, folders):
 
 
 def test_resume_matches_an_uninterrupted_run(tmp_path, folders):
-    steps = [*FAST, "logging.every=1", "checkpoint.every=3", "codebook.dead_after=1", "codebook.reseed_every=2"]
+    steps = [
+        *FAST,
+        "logging.every=1",
+        "checkpoint.every=3",
+        "codebook.dead_after=1",
+        "codebook.reseed_every=2",
+    ]
     train(tiny(tmp_path / "straight", folders, "train.max_steps=6", *steps))
     train(tiny(tmp_path / "stopped", folders, "train.max_steps=3", *steps))
     train(tiny(tmp_path / "stopped", folders, "train.max_steps=6", *steps))  # same command, longer: resumes
@@ -119,16 +175,31 @@ def test_bad_config_is_one_line_error(capsys):
         cli([str(TINY), "codebook.dead_after=0"])
     assert exit_info.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and "codebook.dead_after" in lines[0] and "must be > 0" in lines[0] and str(TINY) in lines[0]
+    assert (
+        len(lines) == 1
+        and "codebook.dead_after" in lines[0]
+        and "must be > 0" in lines[0]
+        and str(TINY) in lines[0]
+    )
 
 
 @pytest.mark.slow
 def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
     synthetic_images(tmp_path / "val3", 3, (64, 64), seed=5)  # odd: Accelerate repeats one on a shard
     overrides = [
-        f"run.dir={tmp_path / 'run'}", f"data.train={folders / 'train'}", *FAST, "data.batch_size=2",
-        "train.max_steps=3", "logging.every=100", "checkpoint.every=2", "codebook.dead_after=1", "codebook.reseed_every=2",
-        f"data.val={tmp_path / 'val3'}", "data.val_batch_size=1", "logging.val_every=3", "loss.lpips_weight=0",
+        f"run.dir={tmp_path / 'run'}",
+        f"data.train={folders / 'train'}",
+        *FAST,
+        "data.batch_size=2",
+        "train.max_steps=3",
+        "logging.every=100",
+        "checkpoint.every=2",
+        "codebook.dead_after=1",
+        "codebook.reseed_every=2",
+        f"data.val={tmp_path / 'val3'}",
+        "data.val_batch_size=1",
+        "logging.val_every=3",
+        "loss.lpips_weight=0",
     ]
     out = launch_two_processes(DDP_TRAIN, "vqvae", str(tmp_path), str(TINY), *overrides)
     assert "processes: 2" in out
@@ -139,8 +210,13 @@ def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
     # At step 2 the hit counters of the main process hold the hits of both processes.
     at_step_2 = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000002.pt")["models"]
     positions_per_image = (64 // 8) ** 2
-    assert int(at_step_2["vqvae"]["bottleneck_op.child.child.codebook_hits_0"].sum()) == 2 * 2 * 2 * positions_per_image
-    assert int(at_step_2["codebook_keeper"]["num_seen"]) == 2 * 2 * 2  # batch_size vectors per process and step
+    assert (
+        int(at_step_2["vqvae"]["bottleneck_op.child.child.codebook_hits_0"].sum())
+        == 2 * 2 * 2 * positions_per_image
+    )
+    assert (
+        int(at_step_2["codebook_keeper"]["num_seen"]) == 2 * 2 * 2
+    )  # batch_size vectors per process and step
     # Validation counted each of the 3 images once (not Accelerate's repeat): the logged mean
     # PSNR is the mean over the three, recomputed here in one process from the final weights.
     final = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
@@ -149,5 +225,7 @@ def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
     vqvae.load_state_dict(final["models"]["vqvae"])
     images = torch.stack([image for image in val_dataset(cfg.data)])
     with torch.no_grad():
-        expected = metrics.psnr(vqvae.eval()(images).images.float().clamp(0, 1), images).double().mean().item()
+        expected = (
+            metrics.psnr(vqvae.eval()(images).images.float().clamp(0, 1), images).double().mean().item()
+        )
     assert final["metrics"]["val/psnr"] == pytest.approx(expected, rel=1e-5)

@@ -9,9 +9,7 @@ import torch.nn.functional as F
 from illm.errors import ConfigError, IllmError
 from illm.models.vqvae import VQVAE
 
-TINY = dict(
-    ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4
-)
+TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4)
 
 
 @pytest.fixture
@@ -71,8 +69,12 @@ def test_backward_reaches_every_part(model, images):
     output = model(images)
     loss = F.mse_loss(output.images, images) + output.commitment_loss + output.codebook_loss
     loss.backward()
-    for name in ("encoder.conv_in.weight", "bottleneck_op.input_conv.weight",
-                 "bottleneck_op.child.child.codebooks.0", "decoder.conv_out.weight"):
+    for name in (
+        "encoder.conv_in.weight",
+        "bottleneck_op.input_conv.weight",
+        "bottleneck_op.child.child.codebooks.0",
+        "decoder.conv_out.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
 

@@ -14,9 +14,15 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.stages.finetune import load_labeller
 
-TINY_AUTOENCODER = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
-TINY_VQVAE = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4)
-TINY_DISCRIMINATOR = dict(num_classes=5, context_in_channels=8, context_out_channels=4, channels=(7, 8, 8, 16, 16))
+TINY_AUTOENCODER = dict(
+    latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
+)
+TINY_VQVAE = dict(
+    ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4
+)
+TINY_DISCRIMINATOR = dict(
+    num_classes=5, context_in_channels=8, context_out_channels=4, channels=(7, 8, 8, 16, 16)
+)
 
 
 class NotWeights:
@@ -26,6 +32,7 @@ class NotWeights:
 def tiny_autoencoder(seed: int = 0) -> HiFiCAutoencoder:
     torch.manual_seed(seed)
     return zoo.autoencoder(**TINY_AUTOENCODER)
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,14 +113,20 @@ def test_official_torch_hub_labeller_name_loads_the_same_file(offline_hub, monke
     def fake_download(url, destination, *args, **kwargs):
         downloads.append(url)
         torch.manual_seed(0)
-        torch.save(zoo.vqvae(ch=8, ch_mult=(1, 1, 1, 1), embed_dim=8, attention_levels=()).state_dict(), destination)
+        torch.save(
+            zoo.vqvae(ch=8, ch_mult=(1, 1, 1, 1), embed_dim=8, attention_levels=()).state_dict(), destination
+        )
 
     monkeypatch.setattr(download, "_fetch", fake_download)
     by_hub_name = zoo.load("msillm_vqvae_xcit_p8_ch64_cb1024_h8", kind="vqvae")
     by_our_name = zoo.load("vqvae_xcit_p8_ch64_cb1024_h8", kind="vqvae")
     assert downloads == [zoo.OFFICIAL_WEIGHTS["vqvae_xcit_p8_ch64_cb1024_h8"]]  # one file, cached
     assert same_weights(by_hub_name, by_our_name)
-    cfg = load_config(FinetuneConfig, REPO / "configs" / "finetune_0.14bpp.toml", ["init.labeller=msillm_vqvae_xcit_p8_ch64_cb1024_h8"])
+    cfg = load_config(
+        FinetuneConfig,
+        REPO / "configs" / "finetune_0.14bpp.toml",
+        ["init.labeller=msillm_vqvae_xcit_p8_ch64_cb1024_h8"],
+    )
     assert same_weights(load_labeller(cfg.init.labeller), by_our_name)
 
 
@@ -192,7 +205,11 @@ def test_pickled_code_is_refused(tmp_path):
         ("tensor.pt", torch.zeros(3), "not a state dict"),
         ("numbers.pt", {"a": 1}, "not a state dict"),
         ("empty.pt", {}, "not a state dict"),
-        ("critic.pt", ConditionalUNetDiscriminator(**TINY_DISCRIMINATOR).state_dict(), "critic.pt: .*autoencoder"),
+        (
+            "critic.pt",
+            ConditionalUNetDiscriminator(**TINY_DISCRIMINATOR).state_dict(),
+            "critic.pt: .*autoencoder",
+        ),
     ],
 )
 def test_files_that_are_not_autoencoder_weights(tmp_path, name, content, message):

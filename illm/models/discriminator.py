@@ -258,9 +258,7 @@ def _check_config(
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"discriminator: {name} must be a positive integer, got {value!r}")
     if len(channels) < 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
-        raise ConfigError(
-            f"discriminator: channels must be at least two positive integers, got {channels}"
-        )
+        raise ConfigError(f"discriminator: channels must be at least two positive integers, got {channels}")
     if channels[0] != 3 + context_out_channels:
         raise ConfigError(
             f"discriminator: channels[0] must be 3 + context_out_channels = {3 + context_out_channels}, "

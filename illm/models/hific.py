@@ -178,7 +178,7 @@ def _prepare_entropy_model_load(module: nn.Module, state_dict: dict, prefix: str
     `_factor0`, ...) are renamed to the current ones (`matrices.0`, ...).
     """
     for key in [key for key in state_dict if key.startswith(prefix)]:
-        legacy = re.fullmatch(r"_(matrix|bias|factor)(\d+)", key[len(prefix):])
+        legacy = re.fullmatch(r"_(matrix|bias|factor)(\d+)", key[len(prefix) :])
         if legacy:
             kind, index = legacy.groups()
             state_dict[f"{prefix}{_LEGACY_PARAMETER_LISTS[kind]}.{index}"] = state_dict.pop(key)
@@ -279,7 +279,9 @@ class _EntropyCoder:
         bottleneck = self.hyper_bottleneck
         indexes = bottleneck._build_indexes((1, bottleneck._quantized_cdf.size(0), *hyper_size))
         symbols = rans.decode(hyper_string, indexes, rans.CoderTables(bottleneck))
-        hyper = bottleneck.dequantize(symbols, bottleneck._extend_ndims(bottleneck._get_medians().detach(), 2))
+        hyper = bottleneck.dequantize(
+            symbols, bottleneck._extend_ndims(bottleneck._get_medians().detach(), 2)
+        )
         scales = self.hyper_synthesis_scale(hyper)
         return scale_indexes(self.latent_bottleneck, scales), self.hyper_synthesis_mean(hyper)
 
@@ -336,7 +338,9 @@ class HiFiCAutoencoder(nn.Module):
             return value.shape[0]
 
         residual_indexes = {
-            int(match.group(1)) for key in state_dict if (match := re.match(r"decoder\.resid_blocks\.(\d+)\.", key))
+            int(match.group(1))
+            for key in state_dict
+            if (match := re.match(r"decoder\.resid_blocks\.(\d+)\.", key))
         }
         with torch.device("meta") if assign else contextlib.nullcontext():
             model = cls(
@@ -347,7 +351,9 @@ class HiFiCAutoencoder(nn.Module):
             )
         if assign:  # the dtypes a copy into the model's own tensors would give
             dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
-            state_dict = {name: tensor.to(dtypes.get(name, tensor.dtype)) for name, tensor in state_dict.items()}
+            state_dict = {
+                name: tensor.to(dtypes.get(name, tensor.dtype)) for name, tensor in state_dict.items()
+            }
         load_strict(model, state_dict, "HiFiC autoencoder", assign=assign)
         return model
 
@@ -379,7 +385,9 @@ class HiFiCAutoencoder(nn.Module):
             latent_rounded_likelihoods = latent_likelihoods.detach()
             if self.latent_bottleneck.training:
                 with torch.no_grad():
-                    _, latent_rounded_likelihoods = self.latent_bottleneck(latent, scales, means=means, training=False)
+                    _, latent_rounded_likelihoods = self.latent_bottleneck(
+                        latent, scales, means=means, training=False
+                    )
         if self.training:
             latent_hat = _quantize_ste(latent, means)
         return AutoencoderOutput(

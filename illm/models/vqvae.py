@@ -105,9 +105,7 @@ class Level(nn.Module):
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
         self.block = nn.ModuleList(ResnetBlock(i, o) for i, o in zip(widths[:-1], widths[1:]))
-        self.attn = nn.ModuleList(
-            AttentionBlock(out_channels) for _ in range(num_blocks if attention else 0)
-        )
+        self.attn = nn.ModuleList(AttentionBlock(out_channels) for _ in range(num_blocks if attention else 0))
         self.downsample = Downsample(out_channels) if resample == "down" else None
         self.upsample = Upsample(out_channels) if resample == "up" else None
 
@@ -230,9 +228,7 @@ class VectorQuantizer(nn.Module):
     def reset_hits(self) -> None:
         self.codebook_hits_0.zero_()
 
-    def forward(
-        self, z: Tensor, count_hits: bool = False
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, z: Tensor, count_hits: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Quantise unit vectors z (B x D x h x w), adding to the hit counts if `count_hits`.
 
         Returns the straight-through quantised latent, the indices (B x h x w), and the
@@ -341,9 +337,7 @@ class VQVAE(nn.Module):
         self._check_images(images)
         height, width = images.shape[-2:]
         latent = self.bottleneck_op.project(self.encoder(self._pad(images)))
-        quantized, indices, commitment_loss, codebook_loss = self.quantizer(
-            latent, count_hits=self.training
-        )
+        quantized, indices, commitment_loss, codebook_loss = self.quantizer(latent, count_hits=self.training)
         decoded = self.decoder(self.bottleneck_op.output_conv(quantized.to(latent.dtype)))
         return VQVAEOutput(
             images=decoded[:, :, :height, :width],
@@ -431,16 +425,13 @@ class VQVAE(nn.Module):
         codebook = self.quantizer.codebook
         dead_mask = dead_mask.to(device=codebook.device, dtype=torch.bool)
         if dead_mask.shape != (self.num_codes,):
-            raise ValueError(
-                f"dead_mask must have shape ({self.num_codes},), got {tuple(dead_mask.shape)}"
-            )
+            raise ValueError(f"dead_mask must have shape ({self.num_codes},), got {tuple(dead_mask.shape)}")
         if recent_latents.dim() == 4:
             recent_latents = recent_latents.permute(0, 2, 3, 1).flatten(0, 2)
         dim = codebook.shape[1]
         if recent_latents.dim() != 2 or recent_latents.shape[1] != dim:
             raise ValueError(
-                f"recent_latents must be B x {dim} x h x w or N x {dim}, "
-                f"got {tuple(recent_latents.shape)}"
+                f"recent_latents must be B x {dim} x h x w or N x {dim}, got {tuple(recent_latents.shape)}"
             )
         num_dead = int(dead_mask.sum())
         num_vectors = recent_latents.shape[0]
@@ -476,16 +467,12 @@ class VQVAE(nn.Module):
     @staticmethod
     def _check_images(images: Tensor) -> None:
         if images.dim() != 4 or images.shape[1] != 3:
-            raise IllmError(
-                f"VQ-VAE expects images of shape B x 3 x H x W, got {tuple(images.shape)}"
-            )
+            raise IllmError(f"VQ-VAE expects images of shape B x 3 x H x W, got {tuple(images.shape)}")
 
 
 def _check_architecture(ch, ch_mult, num_res_blocks, attention_levels, codebook_size) -> None:
     if ch < 2 or not ch_mult or min(ch_mult) < 1:
-        raise ConfigError(
-            f"VQ-VAE needs ch >= 2 and positive ch_mult, got ch={ch}, ch_mult={ch_mult}"
-        )
+        raise ConfigError(f"VQ-VAE needs ch >= 2 and positive ch_mult, got ch={ch}, ch_mult={ch_mult}")
     if num_res_blocks < 1:
         raise ConfigError(f"VQ-VAE needs num_res_blocks >= 1, got {num_res_blocks}")
     if any(not 0 <= level < len(ch_mult) for level in attention_levels):

@@ -132,7 +132,10 @@ class PatchTargets:
 
     def __init__(self, labeller: VQVAE | None, factor: int):
         if labeller is not None and labeller.downsampling_factor != factor:
-            raise ConfigError(f"init.labeller labels {labeller.downsampling_factor}x{labeller.downsampling_factor} patches, the discriminator classifies {factor}x{factor} ones")
+            raise ConfigError(
+                f"init.labeller labels {labeller.downsampling_factor}x{labeller.downsampling_factor} "
+                f"patches, the discriminator classifies {factor}x{factor} ones"
+            )
         self.labeller = labeller
         self.factor = factor
 
@@ -140,7 +143,9 @@ class PatchTargets:
     def __call__(self, images: Tensor) -> Tensor:
         if self.labeller is None:
             batch, _, height, width = images.shape
-            return torch.ones(batch, height // self.factor, width // self.factor, dtype=torch.long, device=images.device)
+            return torch.ones(
+                batch, height // self.factor, width // self.factor, dtype=torch.long, device=images.device
+            )
         return self.labeller.labels(images) + 1
 
 
@@ -190,8 +195,14 @@ class FinetuneParts:
     targets: PatchTargets
 
 
-def build_parts(cfg: FinetuneConfig, accelerator: Accelerator, model: HiFiCAutoencoder, discriminator: nn.Module,
-                distortion: Distortion, targets: PatchTargets) -> FinetuneParts:  # fmt: skip
+def build_parts(
+    cfg: FinetuneConfig,
+    accelerator: Accelerator,
+    model: HiFiCAutoencoder,
+    discriminator: nn.Module,
+    distortion: Distortion,
+    targets: PatchTargets,
+) -> FinetuneParts:
     """The optimizers of `cfg` around the (frozen where `freeze` says) autoencoder and the
     discriminator, prepared for `accelerator`. The quantile optimizer exists only with a
     trainable bottleneck, and stays unprepared as in stage 1."""
@@ -201,13 +212,19 @@ def build_parts(cfg: FinetuneConfig, accelerator: Accelerator, model: HiFiCAutoe
     fused = cfg.train.fused_optimizer
     optim = cfg.optim
     optimizer = adamw(model.main_parameters(), optim.lr, optim.weight_decay, optim.betas, fused)
-    disc_optimizer = adamw(discriminator.parameters(), optim.disc_lr, optim.disc_weight_decay, optim.disc_betas, fused)
+    disc_optimizer = adamw(
+        discriminator.parameters(), optim.disc_lr, optim.disc_weight_decay, optim.disc_betas, fused
+    )
     aux_optimizer = None
     if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
         ignore_in_ddp(model, model.aux_parameters())
         aux_optimizer = adamw(model.aux_parameters(), optim.aux_lr, optim.aux_weight_decay, fused=fused)
-    model, discriminator, optimizer, disc_optimizer = accelerator.prepare(model, discriminator, optimizer, disc_optimizer)
-    return FinetuneParts(cfg, accelerator, model, discriminator, optimizer, disc_optimizer, aux_optimizer, distortion, targets)
+    model, discriminator, optimizer, disc_optimizer = accelerator.prepare(
+        model, discriminator, optimizer, disc_optimizer
+    )
+    return FinetuneParts(
+        cfg, accelerator, model, discriminator, optimizer, disc_optimizer, aux_optimizer, distortion, targets
+    )
 
 
 def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -> IterationResult:
@@ -240,7 +257,9 @@ def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -
             out = model(model_images)
             distortion, terms = parts.distortion(out.images, model_images)
             num_pixels = model_images.shape[-2] * model_images.shape[-1]
-            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above)
+            rate = rate_loss(
+                out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above
+            )
             with frozen_parameters(unwrapped_disc):
                 generator_logits = unwrapped_disc(out.images, out.latent.detach())
             adversarial = generator_loss(generator_logits, generator_targets)
@@ -325,7 +344,9 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     else:
         model = load_autoencoder(cfg.init.autoencoder, "init.autoencoder", cfg.freeze, device)
     labeller = labeller.to(device) if labeller is not None else None
-    discriminator = build_discriminator(cfg.discriminator, num_classes(labeller), latent_channels(model)).to(device)
+    discriminator = build_discriminator(cfg.discriminator, num_classes(labeller), latent_channels(model)).to(
+        device
+    )
     targets = PatchTargets(labeller, discriminator.output_factor)
 
     distortion = build_distortion(cfg.distortion, lpips).to(device)
@@ -341,12 +362,13 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     if aux_optimizer is not None:
         optimizers["aux"] = aux_optimizer
     housekeeping = Housekeeping(
-        run, stream,
+        run,
+        stream,
         models={"autoencoder": model, "discriminator": discriminator},
         optimizers=optimizers,
         schedulers={},
         images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )  # fmt: skip
+    )
     step = housekeeping.start()
 
     def validate():
@@ -367,7 +389,12 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
             bpp=result.logs["train/quantized_total_bpp"],
         )
     finish_run(run, housekeeping.progress, "finetune", step)
-    return nn.ModuleDict({"autoencoder": accelerator.unwrap_model(model), "discriminator": accelerator.unwrap_model(discriminator)})
+    return nn.ModuleDict(
+        {
+            "autoencoder": accelerator.unwrap_model(model),
+            "discriminator": accelerator.unwrap_model(discriminator),
+        }
+    )
 
 
 def cli(argv=None) -> None:

@@ -66,7 +66,9 @@ class PretrainParts:
     distortion: Distortion
 
 
-def build_parts(cfg: PretrainConfig, accelerator: Accelerator, model: HiFiCAutoencoder, distortion: Distortion) -> PretrainParts:
+def build_parts(
+    cfg: PretrainConfig, accelerator: Accelerator, model: HiFiCAutoencoder, distortion: Distortion
+) -> PretrainParts:
     """The optimizers and LR schedule of `cfg` around `model`, prepared for `accelerator`.
 
     The quantile optimizer stays unprepared (its loss is never scaled by an fp16 GradScaler) and
@@ -98,7 +100,9 @@ def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -
             out = model(images)
             distortion, terms = parts.distortion(out.images, images)
             num_pixels = images.shape[-2] * images.shape[-1]
-            rate = rate_loss(out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above)
+            rate = rate_loss(
+                out.likelihoods, out.rounded_likelihoods, num_pixels, target, cfg.rate.lam_below, lam_above
+            )
             loss = cfg.distortion.lam * distortion + rate.loss
         accelerator.backward(loss / len(batches))
     grad_norm = clip_gradients(accelerator, unwrapped.main_parameters(), cfg.train.grad_clip)
@@ -142,18 +146,24 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     distortion = build_distortion(cfg.distortion, lpips).to(accelerator.device)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
     parts = build_parts(cfg, accelerator, build_autoencoder(cfg.model), distortion)
-    model, optimizer, scheduler, aux_optimizer = parts.model, parts.optimizer, parts.scheduler, parts.aux_optimizer
+    model, optimizer, scheduler, aux_optimizer = (
+        parts.model,
+        parts.optimizer,
+        parts.scheduler,
+        parts.aux_optimizer,
+    )
     train_loader, val_loader = loaders(run, train_set, val_set)
     stream = BatchStream(train_loader, accelerator)
     fixed = fixed_image_sets(cfg, train_set, val_set)
 
     housekeeping = Housekeeping(
-        run, stream,
+        run,
+        stream,
         models={"autoencoder": model},
         optimizers={"model": optimizer, "aux": aux_optimizer},
         schedulers={"model": scheduler},
         images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )  # fmt: skip
+    )
     step = housekeeping.start()
 
     def validate():

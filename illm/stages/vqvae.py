@@ -66,11 +66,17 @@ def build_vqvae(model_cfg) -> VQVAE:
     )
 
 
-def vqvae_loss(out: VQVAEOutput, images: Tensor, loss_cfg, lpips: nn.Module | None) -> tuple[Tensor, dict[str, Tensor]]:
+def vqvae_loss(
+    out: VQVAEOutput, images: Tensor, loss_cfg, lpips: nn.Module | None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted training loss and its unweighted terms (named `l1`/`mse`, `lpips`, `commitment`, `codebook`)."""
     pixel_loss = F.l1_loss if loss_cfg.reconstruction == "l1" else F.mse_loss
     reconstruction = pixel_loss(out.images.float(), images.float())
-    terms = {loss_cfg.reconstruction: reconstruction, "commitment": out.commitment_loss, "codebook": out.codebook_loss}
+    terms = {
+        loss_cfg.reconstruction: reconstruction,
+        "commitment": out.commitment_loss,
+        "codebook": out.codebook_loss,
+    }
     loss = (
         loss_cfg.reconstruction_weight * reconstruction
         + loss_cfg.commitment_beta * out.commitment_loss
@@ -177,7 +183,9 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
             recon = out.images.float().clamp(0, 1)
             per_image = {
                 "val/psnr": metrics.psnr(recon, images),
-                f"val/{loss_cfg.reconstruction}": pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1),
+                f"val/{loss_cfg.reconstruction}": pixel_loss(out.images.float(), images, reduction="none")
+                .flatten(1)
+                .mean(1),
             }
             if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
                 per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
@@ -288,9 +296,13 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
     model = build_vqvae(cfg.model)
-    keeper = CodebookKeeper(cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size)
+    keeper = CodebookKeeper(
+        cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size
+    )
     keeper.to(accelerator.device)
-    optimizer = adamw(model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.train.fused_optimizer)
+    optimizer = adamw(
+        model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.train.fused_optimizer
+    )
     scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
     train_loader, val_loader = loaders(run, train_set, val_set)
@@ -302,12 +314,13 @@ def train(cfg: VQVAEConfig) -> VQVAE:
     palette = label_palette(cfg.model.codebook_size)
 
     housekeeping = Housekeeping(
-        run, stream,
+        run,
+        stream,
         models={"vqvae": model, "codebook_keeper": keeper},
         optimizers={"model": optimizer},
         schedulers={"model": scheduler},
         images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )  # fmt: skip
+    )
     step = housekeeping.start()
 
     def logs(result: IterationResult) -> dict:

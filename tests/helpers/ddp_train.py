@@ -21,4 +21,7 @@ if __name__ == "__main__":
     model = importlib.import_module(f"illm.stages.{stage}").train(cfg)
     state = PartialState()
     params = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"rank": state.process_index, "world": state.num_processes, "params": params}, Path(out_dir) / f"rank{state.process_index}.pt")
+    torch.save(
+        {"rank": state.process_index, "world": state.num_processes, "params": params},
+        Path(out_dir) / f"rank{state.process_index}.pt",
+    )
