@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 
 # The inner loop: everything but the end-to-end demo, wheel and multi-process runs (marked slow).
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -m "not slow" -n 2
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .

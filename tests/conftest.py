@@ -52,4 +52,6 @@ def tiny_autoencoder(seed: int = 0):
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Under pytest-xdist every worker is a process of its own: one thread each, or they fight.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // workers)))

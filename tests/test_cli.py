@@ -87,6 +87,7 @@ def test_summary_line(setup, tmp_path, capsys):
     assert "weights loaded in" in out
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_python_dash_m_round_trip(setup, tmp_path):
     folder, model = setup
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -104,6 +105,7 @@ def test_python_dash_m_round_trip(setup, tmp_path):
     assert torch.equal(images.read_image(tmp_path / "x.png"), expected)
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_python_dash_m_user_error(tmp_path):
     (tmp_path / "bad.illm").write_bytes(b"hello")
     environment = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -230,6 +230,7 @@ def batch(record: dict) -> torch.Tensor:
 # --- stage 1 ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # full-size models: about 45 s together
 def test_stage1_iteration_matches_official(golden):
     record, config = golden["stage1"], golden["stage1"]["config"]
     official = config["official_config"]
@@ -330,6 +331,7 @@ def test_stage1_iteration_matches_official(golden):
 # --- stage 2 ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # full-size models: about 45 s together
 def test_stage2_iteration_matches_official(golden):
     record, config = golden["stage2"], golden["stage2"]["config"]
     official = config["official_config"]

@@ -46,6 +46,7 @@ def files(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_compress_and_decompress_import_only_what_coding_needs(files):
     weights = ["--weights", str(files / "weights.pt"), "--device", "cpu"]
     for argv in (
@@ -68,6 +69,7 @@ def test_compress_and_decompress_import_only_what_coding_needs(files):
         assert unwanted(modules) == [], argv[0]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_zoo_load_imports_only_the_autoencoder(files):
     code = f"from illm import zoo; zoo.load({str(files / 'weights.pt')!r})"
     result = run_python("-c", code, cache=files / "cache")
@@ -75,6 +77,7 @@ def test_zoo_load_imports_only_the_autoencoder(files):
     assert unwanted(imported_modules(result.stderr)) == []
 
 
+@pytest.mark.slow  # fresh interpreters
 def test_deferred_compressai_parts_still_import_on_use(files):
     """compressai's subpackages are stand-ins until used; used, they are the real modules."""
     code = "\n".join(

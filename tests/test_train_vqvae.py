@@ -51,6 +51,7 @@ def events(run_dir) -> EventAccumulator:
     return accumulator
 
 
+@pytest.mark.slow  # a few seconds of stage-0 training
 def test_runs_logs_and_gives_labels(tmp_path, folders):
     run = tmp_path / "run"
     train(
@@ -101,6 +102,7 @@ def test_runs_logs_and_gives_labels(tmp_path, folders):
     assert 0 <= labels.min() and labels.max() < 64 == labeller.num_codes
 
 
+@pytest.mark.slow  # a few seconds of stage-0 training
 def test_loss_falls_on_a_repeated_batch(tmp_path):
     synthetic_images(
         tmp_path / "two", 2, (64, 64), seed=3
@@ -149,6 +151,7 @@ def test_dead_codes_are_reseeded_from_recent_latents(tmp_path, folders):
     assert distances.min(dim=1).values.max() < 1e-5
 
 
+@pytest.mark.slow  # a few seconds of stage-0 training
 def test_resume_matches_an_uninterrupted_run(tmp_path, folders):
     steps = [
         *FAST,
