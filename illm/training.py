@@ -267,6 +267,18 @@ def sync_context(accelerator: Accelerator, model: nn.Module, last_micro_batch: b
     return nullcontext() if last_micro_batch else accelerator.no_sync(model)
 
 
+def quantile_step(accelerator: Accelerator, autoencoder: nn.Module, optimizer) -> Tensor:
+    """One update of the entropy bottleneck's quantiles by their own (auxiliary) loss, which never
+    reaches the main loss; their gradients are averaged over processes by hand (they are kept out
+    of DDP: `ignore_in_ddp`). Returns the loss."""
+    loss = autoencoder.aux_loss()
+    loss.backward()
+    average_gradients(accelerator, autoencoder.aux_parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def clip_gradients(accelerator: Accelerator, params, max_norm: float) -> Tensor:
     """Clip the total gradient norm of `params` to `max_norm` (0 = no clipping) and return the norm
     before clipping, measured after any fp16 loss scale has been removed."""

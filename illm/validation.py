@@ -35,6 +35,24 @@ class SampleMeans:
         return {name: (self.sums[name] / self.counts[name]).item() for name in self.sums}
 
 
+def validation_images(val_loader):
+    """The validation batches' images, leaving out batches whose every file was unreadable."""
+    for batch in val_loader:
+        if batch.images.shape[0]:
+            yield batch.images
+
+
+def image_quality(reconstruction: Tensor, images: Tensor, lpips) -> dict[str, Tensor]:
+    """Per-image `val/psnr`, `val/ms_ssim` (images large enough) and `val/lpips` (with a network)
+    of a reconstruction clamped to [0, 1]."""
+    quality = {"val/psnr": metrics.psnr(reconstruction, images)}
+    if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
+        quality["val/ms_ssim"] = metrics.ms_ssim(reconstruction, images)
+    if lpips is not None:
+        quality["val/lpips"] = lpips(reconstruction, images).flatten()
+    return quality
+
+
 def validate_autoencoder(
     run, model, val_loader, distortion: Distortion, lpips, rate_cfg, step: int, fixed: dict
 ) -> dict:
@@ -45,10 +63,7 @@ def validate_autoencoder(
     target, lam_above = rate_schedule(rate_cfg, step)
     averages = SampleMeans(accelerator)
     with evaluating(unwrapped):
-        for batch in val_loader:
-            images = batch.images
-            if images.shape[0] == 0:
-                continue
+        for images in validation_images(val_loader):
             with accelerator.autocast():
                 out = unwrapped(images)
             recon = out.images.float().clamp(0, 1)
@@ -58,15 +73,11 @@ def validate_autoencoder(
                 out.likelihoods, out.rounded_likelihoods, num_pixels, target, rate_cfg.lam_below, lam_above
             )
             per_image = {
-                "val/psnr": metrics.psnr(recon, images),
+                **image_quality(recon, images, lpips),
                 "val/bpp": rate.rounded_bpp,
                 "val/latent_bpp": rate.rounded_latent_bpp,
                 "val/hyper_bpp": rate.rounded_hyper_bpp,
             }
-            if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
-                per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
-            if lpips is not None:
-                per_image["val/lpips"] = lpips(recon, images).flatten()
             batch_terms = {"val/distortion_loss": dist, "val/rate_loss": rate.loss}
             batch_terms.update({f"val/distortion_{k}": v for k, v in terms.items()})
             per_image.update({name: value.expand(images.shape[0]) for name, value in batch_terms.items()})

@@ -409,9 +409,9 @@ def test_stage2_iteration_matches_official(golden):
     target, lam_above = rate_schedule(released.rate, iteration)
     command_rate = targeted_rate(rate.bpp, rate.rounded_bpp, target, released.rate.lam_below, lam_above)
     command_total = (
-        float(result.logs["train/distortion_loss"])
+        result.logs["train/distortion_loss"].item()
         + float(command_rate)
-        + cfg.gan.generator_weight * float(result.logs["train/generator_loss"])
+        + cfg.gan.generator_weight * result.logs["train/generator_loss"].item()
     )
     compare_logged(
         report,

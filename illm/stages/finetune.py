@@ -50,7 +50,6 @@ from illm.training import (
     Housekeeping,
     IterationResult,
     accumulation_steps,
-    average_gradients,
     clip_gradients,
     finish_run,
     fixed_image_sets,
@@ -58,6 +57,7 @@ from illm.training import (
     loaders,
     micro_batches,
     parse_args,
+    quantile_step,
     run_main,
     start_run,
     sync_context,
@@ -284,13 +284,9 @@ def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -
     parts.optimizer.zero_grad(set_to_none=True)
     parts.disc_optimizer.step()
     parts.disc_optimizer.zero_grad(set_to_none=True)
-    aux_loss = torch.zeros(())
+    aux_loss = torch.zeros(())  # the official step logs 0 while the quantiles are frozen
     if parts.aux_optimizer is not None:
-        aux_loss = unwrapped.aux_loss()
-        aux_loss.backward()
-        average_gradients(accelerator, unwrapped.aux_parameters())
-        parts.aux_optimizer.step()
-        parts.aux_optimizer.zero_grad(set_to_none=True)
+        aux_loss = quantile_step(accelerator, unwrapped, parts.aux_optimizer)
 
     logs = {
         "train/total_model_loss": loss,

@@ -25,7 +25,6 @@ from illm.training import (
     Housekeeping,
     IterationResult,
     accumulation_steps,
-    average_gradients,
     clip_gradients,
     finish_run,
     fixed_image_sets,
@@ -33,6 +32,7 @@ from illm.training import (
     loaders,
     micro_batches,
     parse_args,
+    quantile_step,
     run_main,
     start_run,
     sync_context,
@@ -109,12 +109,7 @@ def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -
     parts.optimizer.step()
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
-    # --- quantile (auxiliary) update: never part of the main loss ---
-    aux_loss = unwrapped.aux_loss()
-    aux_loss.backward()
-    average_gradients(accelerator, unwrapped.aux_parameters())
-    parts.aux_optimizer.step()
-    parts.aux_optimizer.zero_grad(set_to_none=True)
+    aux_loss = quantile_step(accelerator, unwrapped, parts.aux_optimizer)
 
     logs = {
         "train/total_loss": loss,

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from illm import metrics
 from illm.config import load_config
 from illm.experiment import VQVAEConfig
 from illm.losses import build_lpips
@@ -44,7 +43,7 @@ from illm.training import (
     train_dataset,
     val_dataset,
 )
-from illm.validation import SampleMeans
+from illm.validation import SampleMeans, image_quality, validation_images
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
 
@@ -174,23 +173,14 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
     averages = SampleMeans(accelerator)
     code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     with evaluating(vqvae):
-        for batch in val_loader:
-            images = batch.images
-            if images.shape[0] == 0:
-                continue
+        for images in validation_images(val_loader):
             with accelerator.autocast():
                 out = vqvae(images)
-            recon = out.images.float().clamp(0, 1)
+            pixel_error = pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1)
             per_image = {
-                "val/psnr": metrics.psnr(recon, images),
-                f"val/{loss_cfg.reconstruction}": pixel_loss(out.images.float(), images, reduction="none")
-                .flatten(1)
-                .mean(1),
+                **image_quality(out.images.float().clamp(0, 1), images, lpips),
+                f"val/{loss_cfg.reconstruction}": pixel_error,
             }
-            if min(images.shape[-2:]) >= metrics.MS_SSIM_MIN_SIDE:
-                per_image["val/ms_ssim"] = metrics.ms_ssim(recon, images)
-            if lpips is not None:
-                per_image["val/lpips"] = lpips(recon, images)
             for name, values in per_image.items():
                 averages.add(name, values)
             code_counts += vqvae.code_counts(averages.gather(out.indices)).cpu()
