@@ -45,7 +45,9 @@ class RunSection:
 
 @dataclass
 class DataSection:
-    train: str = doc_field("", "Folder of training images, searched recursively (JPEG, PNG, WebP, BMP, TIFF, PPM).")
+    train: str = doc_field(
+        "", "Folder of training images, searched recursively (JPEG, PNG, WebP, BMP, TIFF, PPM)."
+    )
     val: str = doc_field("", "Folder of validation images; empty disables validation.")
     crop_size: int = doc_field(256, "Training crop size in pixels (a multiple of 64).", multiple_of(64))
     crop_mode: str = doc_field(
