@@ -16,12 +16,15 @@ crash never leaves a half-written checkpoint behind a valid name.
 
 from __future__ import annotations
 
+import io
 import json
+import math
 import random
 import re
 import shutil
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -152,17 +155,37 @@ def set_rng_state(state: dict) -> None:
 # --- the manager ----------------------------------------------------------------------------------
 
 
-class CheckpointManager:
-    """Saves and finds the checkpoints of one run folder. Only the main process writes."""
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds besides its step: the loop's models, optimizers, LR
+    schedules and data stream (a `state_dict`/`load_state_dict` each), by name."""
 
-    def __init__(
-        self, run_dir: str | Path, keep_last: int = 3, best_metric: str = "", best_mode: str = "max"
-    ):
+    models: dict
+    optimizers: dict
+    schedulers: dict
+    stream: object
+    learning_rates: dict  # optimizer name -> the configured base LR, applied again on resume
+
+
+class CheckpointManager:
+    """Owns a run's checkpoints: when to save (`due`), what a checkpoint holds (`save`,
+    `restore`), how many to keep (`keep_last` intact ones) and which is `best.pt`.
+
+    Every process calls `save` and `restore` (the RNG states are gathered from all of them);
+    only the main process writes.
+    """
+
+    def __init__(self, run_dir: str | Path, checkpoint_cfg, accelerator, max_steps: int, config_toml: str):
+        self.config_toml = config_toml  # the run's resolved config, saved in every checkpoint
         self.run_dir = Path(run_dir)
         self.folder = self.run_dir / "checkpoints"
-        self.keep_last = keep_last
-        self.best_metric = best_metric
-        self.best_mode = best_mode
+        self.cfg = checkpoint_cfg
+        self.accelerator = accelerator
+        self.max_steps = max_steps
+        self._known_intact: set[Path] = set()
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.every == 0 or step == self.max_steps
 
     def path_for(self, step: int) -> Path:
         return self.folder / f"step_{step:08d}.pt"
@@ -170,32 +193,132 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
-    def save(self, checkpoint: dict) -> Path:
-        """Write a step checkpoint atomically, prune old ones, update best.pt when it improved."""
-        checkpoint = {"illm_checkpoint": FORMAT_VERSION, **checkpoint}
+    def latest_intact(self) -> Path | None:
+        return next((p for p in reversed(step_checkpoints(self.run_dir)) if self.intact(p)), None)
+
+    # --- writing ---
+
+    def save(self, step: int, state: TrainingState, val_metrics: dict | None = None) -> None:
+        """Write the checkpoint of `step` (all processes call this). `val_metrics` are those of a
+        validation run at this same step, or None: only then is the checkpoint a `best.pt`
+        candidate."""
+        accelerator = self.accelerator
+        rng_states = gather_rng_states(accelerator)
+        if accelerator.is_main_process:
+            checkpoint = {
+                "illm_checkpoint": FORMAT_VERSION,
+                "step": step,
+                "models": {name: accelerator.unwrap_model(m).state_dict() for name, m in state.models.items()},
+                "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
+                "schedulers": {name: s.state_dict() for name, s in state.schedulers.items()},
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                "rng": rng_states,
+                "data": state.stream.state_dict(),
+                "metrics": dict(val_metrics or {}),
+                "config": self.config_toml,
+            }
+            path = self.write(checkpoint)
+            self.prune()
+            if val_metrics is not None:
+                self.consider_best(path, step, val_metrics)
+        accelerator.wait_for_everyone()
+
+    def write(self, checkpoint: dict) -> Path:
+        """Write one step checkpoint atomically; returns its path."""
         path = self.path_for(checkpoint["step"])
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path) as file:
             torch.save(checkpoint, file)
-        for old in step_checkpoints(self.run_dir)[: -self.keep_last]:
-            old.unlink(missing_ok=True)
-        self._update_best(path, checkpoint.get("metrics") or {})
+        self._known_intact.add(path)
         return path
 
-    def _update_best(self, path: Path, metrics: dict) -> None:
-        if not self.best_metric or self.best_metric not in metrics:
+    def intact(self, path: Path) -> bool:
+        """Whether `path` is an intact checkpoint (files this manager wrote are known to be)."""
+        if path not in self._known_intact and not _damage(path):
+            self._known_intact.add(path)
+        return path in self._known_intact
+
+    def prune(self) -> None:
+        """Delete intact step checkpoints beyond the newest `keep_last` intact ones. A damaged file
+        is left where it is and never counts (so the newest intact checkpoint is never deleted)."""
+        intact = [path for path in step_checkpoints(self.run_dir) if self.intact(path)]
+        for old in intact[: -self.cfg.keep_last]:
+            old.unlink(missing_ok=True)
+            self._known_intact.discard(old)
+
+    def consider_best(self, path: Path, step: int, val_metrics: dict) -> None:
+        """Copy `path` to `best.pt` when its metric beats the recorded best. A record written for
+        another metric (the config changed) is replaced, not compared."""
+        metric = self.cfg.best_metric
+        if not metric or metric not in val_metrics:
             return
-        value = float(metrics[self.best_metric])
-        record_path = self.folder / "best.json"
-        if record_path.exists():
-            previous = json.loads(record_path.read_text())["value"]
-            better = value > previous if self.best_mode == "max" else value < previous
+        value = float(val_metrics[metric])
+        if not math.isfinite(value):
+            return
+        best = read_best_record(self.folder)
+        if best is not None and best.get("metric") == metric:
+            better = value > best["value"] if self.cfg.best_mode == "max" else value < best["value"]
             if not better:
                 return
         with atomic_open(self.folder / "best.pt") as file, path.open("rb") as source:
             shutil.copyfileobj(source, file)
-        record = {"metric": self.best_metric, "value": value, "step": int(path.stem.split("_")[1])}
-        atomic_write_bytes(record_path, json.dumps(record).encode())
+        record = {"metric": metric, "value": value, "step": step}
+        atomic_write_bytes(self.folder / "best.json", json.dumps(record).encode())
+
+    # --- reading ---
+
+    def restore(self, checkpoint: dict, state: TrainingState) -> int:
+        """Load `checkpoint` (as `save` wrote it) into `state` and this process's RNGs; returns
+        its step, the number of iterations done."""
+        accelerator = self.accelerator
+        for name, model in state.models.items():
+            accelerator.unwrap_model(model).load_state_dict(checkpoint["models"][name])
+        for name, optimizer in state.optimizers.items():
+            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        for name, scheduler in state.schedulers.items():
+            scheduler.load_state_dict(checkpoint["schedulers"][name])
+        if checkpoint.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(checkpoint["scaler"])
+        state.stream.load_state_dict(checkpoint["data"])
+        for name, lr in state.learning_rates.items():
+            set_base_lr(state.optimizers[name], state.schedulers.get(name), lr)
+        states = checkpoint["rng"]
+        set_rng_state(states[accelerator.process_index % len(states)])
+        return checkpoint["step"]
+
+
+def set_base_lr(optimizer, scheduler, lr: float) -> None:
+    """Make `lr` the base LR of `optimizer` (and of its LR `scheduler`, if any) from the current
+    iteration on: a restored optimizer would otherwise keep the LR of the run it was saved from."""
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch) if scheduler is not None else 1.0
+    for group in optimizer.param_groups:
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+    if scheduler is not None:
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def read_best_record(folder: Path) -> dict | None:
+    """`best.json` of a checkpoints folder, or None when there is none (or it is unreadable)."""
+    try:
+        record = json.loads((folder / "best.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "value" in record else None
+
+
+def gather_rng_states(accelerator) -> list[dict]:
+    """The RNG state of every process, in process order (a collective: every process calls it)."""
+    states = [rng_state()]
+    if accelerator.num_processes > 1:
+        # Sent as torch.save bytes: all_gather_object cannot carry tensors in this torch version.
+        buffer = io.BytesIO()
+        torch.save(states[0], buffer)
+        gathered = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(gathered, buffer.getvalue())
+        states = [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
+    return states
 
 
 def prepare_run_dir(
@@ -242,6 +365,8 @@ RESUMABLE_CHANGES = {
     "checkpoint.every",
     "logging.every",
     "logging.val_every",
+    "optim.lr",  # a lower LR to continue a diverged run: applied on resume (`set_base_lr`)
+    "optim.disc_lr",
 }
 
 

@@ -32,10 +32,11 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from illm.errors import ConfigError, one_line
+from illm.errors import ConfigError, IllmError, one_line
 from illm.experiment import CROP_MODES
 from illm.image_index import find_images
 from illm.images import MAX_PIXELS
+from illm.loop import accumulation_steps
 
 logger = logging.getLogger(__name__)
 
@@ -334,3 +335,121 @@ def make_loader(
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# A stage's datasets
+# ----------------------------------------------------------------------------------------------
+
+
+def train_dataset(data) -> ImageFolder:
+    if not data.train:
+        raise IllmError("data.train is empty: give a folder of training images (data.train=/path/to/images)")
+    return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode))
+
+
+def val_dataset(data) -> ImageFolder | None:
+    if not data.val:
+        return None
+    dataset = ImageFolder(data.val, val_transform(data.val_crop_size))
+    if data.val_max_images and len(dataset) > data.val_max_images:
+        dataset = torch.utils.data.Subset(dataset, range(data.val_max_images))
+    return dataset
+
+
+def fixed_images(dataset, count: int, crop_size: int) -> torch.Tensor | None:
+    """The first `count` readable images of a dataset under the validation transform (for grids)."""
+    if dataset is None or count == 0:
+        return None
+    root = dataset.dataset.root if isinstance(dataset, torch.utils.data.Subset) else dataset.root
+    plain = ImageFolder(root, val_transform(crop_size))
+    images = [img for i in range(min(len(plain), count * 2)) if (img := plain[i]) is not None][:count]
+    return torch.stack(images) if images else None
+
+
+def fixed_image_sets(cfg, train_set, val_set) -> dict[str, Tensor | None]:
+    """The fixed training and validation images every stage shows in its TensorBoard grids."""
+    count, size = cfg.logging.num_images, cfg.data.val_crop_size
+    return {"train": fixed_images(train_set, count, size), "val": fixed_images(val_set, count, size)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch streams
+# ----------------------------------------------------------------------------------------------
+
+
+class BatchStream:
+    """Endless batches over epochs that remembers its position, so a resumed run sees the same data.
+
+    The shuffle order is a function of (seed, epoch); on resume the first `batches_done`
+    batches of the current epoch are skipped without being loaded.
+    """
+
+    def __init__(self, loader, accelerator):
+        self.loader = loader
+        self.accelerator = accelerator
+        self.epoch = 0
+        self.batches_done = 0
+        self.skipped_images = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped_images": self.skipped_images}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.batches_done = state["epoch"], state["batches_done"]
+        self.skipped_images = state.get("skipped_images", 0)
+
+    def __iter__(self):
+        previous = None
+        while True:
+            self.loader.set_epoch(self.epoch)
+            batches = self.loader
+            if self.batches_done:
+                batches = self.accelerator.skip_first_batches(self.loader, self.batches_done)
+            for batch in batches:
+                self.batches_done += 1
+                self.skipped_images += batch.num_skipped
+                if batch.images.shape[0] == 0:
+                    # Every image of this batch was unreadable: repeat the last batch rather than
+                    # skip the step, so all processes keep stepping together under DDP.
+                    if previous is None:
+                        continue
+                    yield previous
+                    continue
+                previous = batch.images
+                yield batch.images
+            self.epoch += 1
+            self.batches_done = 0
+
+
+class TrainingData:
+    """A stage's data, folder -> dataset -> loader -> micro-batches.
+
+    The datasets are built (and bad folders refused) before any process group exists; `prepare`
+    then shards the loaders over the processes and opens the resumable training stream.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.train_set, self.val_set = train_dataset(cfg.data), val_dataset(cfg.data)
+        self.fixed = fixed_image_sets(cfg, self.train_set, self.val_set)
+        self.val_loader = None
+
+    def prepare(self, accelerator) -> None:
+        data, seed = self.cfg.data, self.cfg.run.seed
+        self.accumulation = accumulation_steps(data, accelerator.num_processes)
+        self.images_per_step = data.batch_size * self.accumulation * accelerator.num_processes
+        train_loader = make_loader(
+            self.train_set, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=seed, drop_last=True
+        )
+        self.stream = BatchStream(accelerator.prepare_data_loader(train_loader), accelerator)
+        if self.val_set is not None:
+            val_loader = make_loader(self.val_set, data.val_batch_size, num_workers=data.num_workers)
+            self.val_loader = accelerator.prepare_data_loader(val_loader)
+        self._batches = None
+
+    def next_micro_batches(self) -> list[Tensor]:
+        """The micro-batches of the next iteration (the stream starts where a resume left it)."""
+        if self._batches is None:
+            self._batches = iter(self.stream)
+        return [next(self._batches) for _ in range(self.accumulation)]

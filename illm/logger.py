@@ -12,12 +12,14 @@ from torchvision.utils import make_grid
 class TensorBoardLogger:
     """A SummaryWriter on the main process; on other processes every call does nothing."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, purge_step: int | None = None):
+        """`purge_step`: a resumed run's first step; events at or after it (logged by the run
+        before it was interrupted) are dropped."""
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge_step)
 
     def scalars(self, values: dict[str, float | Tensor], step: int) -> None:
         if self.writer is None:

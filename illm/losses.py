@@ -91,6 +91,12 @@ def build_distortion(distortion_cfg, lpips) -> Distortion:
     return Distortion(distortion_cfg.kind, distortion_cfg.mse_weight, distortion_cfg.lpips_weight, lpips)
 
 
+def autoencoder_losses(distortion_cfg, lpips, device) -> tuple[Distortion, object]:
+    """The distortion loss and the LPIPS network (validation's, or None) on `device`."""
+    lpips = lpips.to(device) if lpips is not None else None
+    return build_distortion(distortion_cfg, lpips).to(device), lpips
+
+
 def scheduled(value: float, factor_before: float, switch_step: int, step: int) -> float:
     """`value * factor_before` until `switch_step`, then `value`."""
     return value * factor_before if step < switch_step else value

@@ -18,6 +18,8 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from illm.distributed import average_gradients
+
 # The official schedule never lets the factor reach 0.
 OFFICIAL_MIN_FACTOR = 1e-12
 
@@ -64,3 +66,21 @@ def lr_schedule(optimizer, name: str, warmup_steps: int = 0, decay_steps: int = 
     """The schedule `name` (a key of `LR_SCHEDULES`), stepped once per iteration."""
     factor = LR_SCHEDULES[name]
     return LambdaLR(optimizer, lambda step: factor(step, warmup_steps, decay_steps))
+
+
+def quantile_step(accelerator, autoencoder, optimizer) -> torch.Tensor:
+    """One update of the entropy bottleneck's quantiles by their own (auxiliary) loss, which never
+    reaches the main loss; their gradients are averaged over processes by hand (they are kept out
+    of DDP: `ignore_in_ddp`). Returns the loss."""
+    loss = autoencoder.aux_loss()
+    loss.backward()
+    average_gradients(accelerator, autoencoder.aux_parameters())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
+def clip_gradients(accelerator, params, max_norm: float) -> torch.Tensor:
+    """Clip the total gradient norm of `params` to `max_norm` (0 = no clipping) and return the norm
+    before clipping, measured after any fp16 loss scale has been removed."""
+    return accelerator.clip_grad_norm_(list(params), max_norm or math.inf)

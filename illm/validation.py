@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
-from torch import Tensor
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
 
 from illm import metrics
 from illm.losses import Distortion, rate_loss, rate_schedule
-from illm.training import evaluating
+
+
+@contextmanager
+def evaluating(*models: nn.Module):
+    """Eval mode and no gradients for the block, then each model back to the mode it had."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 class SampleMeans:

@@ -16,7 +16,7 @@ from illm.errors import ConfigError
 from illm.experiment import DataSection, PretrainConfig
 from illm.losses import build_distortion
 from illm.stages.pretrain import build_autoencoder, build_parts, cli, pretrain_iteration, train
-from illm.training import accumulation_steps
+from illm.loop import accumulation_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
@@ -110,13 +110,13 @@ def test_other_experiment_in_the_same_folder_is_refused(tmp_path, folders):
     from illm.errors import IllmError
 
     with pytest.raises(IllmError, match="another experiment"):
-        train(tiny(tmp_path / "run", folders, "train.max_steps=2", "optim.lr=0.01", "data.val=''"))
+        train(tiny(tmp_path / "run", folders, "train.max_steps=2", "optim.weight_decay=0.01", "data.val=''"))
     train(
         tiny(
             tmp_path / "run",
             folders,
             "train.max_steps=2",
-            "optim.lr=0.01",
+            "optim.weight_decay=0.01",
             "run.overwrite=true",
             "data.val=''",
         )

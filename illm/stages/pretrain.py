@@ -15,30 +15,18 @@ import torch
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from illm.checkpoint import TrainingState
 from illm.config import load_config
+from illm.data import TrainingData
+from illm.distributed import ignore_in_ddp, sync_context
+from illm.divergence import check_finite
 from illm.experiment import PretrainConfig
-from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
+from illm.loop import TrainingLog
+from illm.losses import Distortion, autoencoder_losses, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
-from illm.optimizer import adamw, lr_schedule
-from illm.training import (
-    BatchStream,
-    Housekeeping,
-    IterationResult,
-    accumulation_steps,
-    clip_gradients,
-    finish_run,
-    fixed_image_sets,
-    ignore_in_ddp,
-    loaders,
-    micro_batches,
-    parse_args,
-    quantile_step,
-    run_main,
-    start_run,
-    sync_context,
-    train_dataset,
-    val_dataset,
-)
+from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
+from illm.run import finish_run, resume, start_run
+from illm.training import IterationResult, parse_args, run_main
 from illm.validation import validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
@@ -85,7 +73,9 @@ def build_parts(
     return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
 
 
-def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -> IterationResult:
+def pretrain_iteration(
+    parts: PretrainParts, batches: list[Tensor], step: int, log_due: bool = True
+) -> IterationResult:
     """One training iteration on the micro-batches `batches` (gradients accumulated over them),
     `step` iterations having been done before it."""
     cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
@@ -132,52 +122,40 @@ def main(argv: list[str]) -> None:
 
 def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     """Run (or resume) stage 1 as `cfg` says; returns the trained autoencoder (unwrapped)."""
-    train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
-    lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
+    data = TrainingData(cfg)  # bad folders are refused before any process starts
+    lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or data.val_set is not None)
     run = start_run(cfg, "pretrain")
-    accelerator = run.accelerator
-    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
-
-    distortion = build_distortion(cfg.distortion, lpips).to(accelerator.device)
-    lpips = lpips.to(accelerator.device) if lpips is not None else None
-    parts = build_parts(cfg, accelerator, build_autoencoder(cfg.model), distortion)
-    model, optimizer, scheduler, aux_optimizer = (
-        parts.model,
-        parts.optimizer,
-        parts.scheduler,
-        parts.aux_optimizer,
+    data.prepare(run.accelerator)
+    distortion, lpips = autoencoder_losses(cfg.distortion, lpips, run.accelerator.device)
+    parts = build_parts(cfg, run.accelerator, build_autoencoder(cfg.model), distortion)
+    state = TrainingState(
+        models={"autoencoder": parts.model},
+        optimizers={"model": parts.optimizer, "aux": parts.aux_optimizer},
+        schedulers={"model": parts.scheduler},
+        stream=data.stream,
+        learning_rates={"model": cfg.optim.lr},
     )
-    train_loader, val_loader = loaders(run, train_set, val_set)
-    stream = BatchStream(train_loader, accelerator)
-    fixed = fixed_image_sets(cfg, train_set, val_set)
-
-    housekeeping = Housekeeping(
-        run,
-        stream,
-        models={"autoencoder": model},
-        optimizers={"model": optimizer, "aux": aux_optimizer},
-        schedulers={"model": scheduler},
-        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )
-    step = housekeeping.start()
-
-    def validate():
-        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
-
-    batches = iter(stream)
-    model.train()
+    step = resume(run, state)
+    log = TrainingLog(run, data, step, shown={"loss": "train/total_loss", "bpp": "train/quantized_total_bpp"})
+    parts.model.train()
     while step < cfg.train.max_steps:
-        result = pretrain_iteration(parts, micro_batches(batches, accumulation), step)
+        log_due = log.due(step + 1)
+        result = pretrain_iteration(parts, data.next_micro_batches(), step, log_due)
         step += 1
-        housekeeping.after_iteration(
-            step,
-            logs=result.all_logs,
-            validate=validate if val_loader is not None else None,
-            loss=result.logs["train/total_loss"],
-            bpp=result.logs["train/quantized_total_bpp"],
-        )
-    finish_run(run, housekeeping.progress, "pretrain", step)
-    return accelerator.unwrap_model(model)
+        if log_due or run.checkpoints.due(step):
+            check_finite(run, step, result.logs, state.models)
+        if log_due:
+            log.write(step, result.all_logs())
+        val_metrics = None
+        if data.val_loader is not None and log.validation_due(step):
+            val_metrics = validate_autoencoder(
+                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed
+            )
+        if run.checkpoints.due(step):
+            run.checkpoints.save(step, state, val_metrics)
+    log.close()
+    finish_run(run, step)
+    return run.accelerator.unwrap_model(parts.model)
 
 
 def cli(argv=None) -> None:
