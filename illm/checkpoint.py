@@ -208,7 +208,9 @@ class CheckpointManager:
             checkpoint = {
                 "illm_checkpoint": FORMAT_VERSION,
                 "step": step,
-                "models": {name: accelerator.unwrap_model(m).state_dict() for name, m in state.models.items()},
+                "models": {
+                    name: accelerator.unwrap_model(m).state_dict() for name, m in state.models.items()
+                },
                 "optimizers": {name: opt.state_dict() for name, opt in state.optimizers.items()},
                 "schedulers": {name: s.state_dict() for name, s in state.schedulers.items()},
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,

@@ -440,7 +440,12 @@ class TrainingData:
         self.accumulation = accumulation_steps(data, accelerator.num_processes)
         self.images_per_step = data.batch_size * self.accumulation * accelerator.num_processes
         train_loader = make_loader(
-            self.train_set, data.batch_size, shuffle=True, num_workers=data.num_workers, seed=seed, drop_last=True
+            self.train_set,
+            data.batch_size,
+            shuffle=True,
+            num_workers=data.num_workers,
+            seed=seed,
+            drop_last=True,
         )
         self.stream = BatchStream(accelerator.prepare_data_loader(train_loader), accelerator)
         if self.val_set is not None:

@@ -27,7 +27,9 @@ def nonfinite_parameters(models: dict) -> Tensor:
     flags = []
     for model in models.values():
         params = [p.detach() for p in model.parameters()]
-        flags.append(torch.stack([~torch.isfinite(p).all() for p in params]).any() if params else torch.tensor(False))
+        flags.append(
+            torch.stack([~torch.isfinite(p).all() for p in params]).any() if params else torch.tensor(False)
+        )
     return torch.stack(flags)
 
 
@@ -40,7 +42,9 @@ def check_finite(run, step: int, logs: dict, models: dict) -> None:
     device = accelerator.device
     flags = torch.cat(
         [
-            torch.stack([~torch.isfinite(v.to(device)) for v in values]) if values else torch.zeros(0, dtype=torch.bool, device=device),
+            torch.stack([~torch.isfinite(v.to(device)) for v in values])
+            if values
+            else torch.zeros(0, dtype=torch.bool, device=device),
             nonfinite_parameters(models).to(device),
         ]
     ).float()

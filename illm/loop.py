@@ -118,7 +118,9 @@ class TrainingLog:
             **self.progress.rates(step),
         }
         self.run.logger.scalars({**values, **common}, step)
-        self.progress.update(step, {label: values[name] for label, name in self.shown.items() if name in values})
+        self.progress.update(
+            step, {label: values[name] for label, name in self.shown.items() if name in values}
+        )
         return values
 
     def close(self) -> None:

@@ -51,5 +51,3 @@ class IterationResult:
         on demand: MS-SSIM is not free)."""
         quality = metrics.training_quality(self.out.images.detach(), self.images)
         return {f"train/{name}": value for name, value in quality.items()}
-
-

@@ -14,9 +14,9 @@ from illm.checkpoint import read_checkpoint
 from illm.config import load_config
 from illm.errors import ConfigError
 from illm.experiment import DataSection, PretrainConfig
+from illm.loop import accumulation_steps
 from illm.losses import build_distortion
 from illm.stages.pretrain import build_autoencoder, build_parts, cli, pretrain_iteration, train
-from illm.loop import accumulation_steps
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"

@@ -28,12 +28,17 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm import zoo
+from illm.checkpoint import TrainingState
 from illm.config import load_config
+from illm.data import TrainingData
+from illm.distributed import ignore_in_ddp, sync_context
+from illm.divergence import check_finite
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
+from illm.loop import TrainingLog
 from illm.losses import (
     Distortion,
-    build_distortion,
+    autoencoder_losses,
     build_lpips,
     discriminator_loss,
     generator_loss,
@@ -43,27 +48,10 @@ from illm.losses import (
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
-from illm.optimizer import adamw
+from illm.optimizer import adamw, clip_gradients, quantile_step
+from illm.run import finish_run, resume, start_run
 from illm.sweep import run_with_sweeps
-from illm.training import (
-    BatchStream,
-    Housekeeping,
-    IterationResult,
-    accumulation_steps,
-    clip_gradients,
-    finish_run,
-    fixed_image_sets,
-    ignore_in_ddp,
-    loaders,
-    micro_batches,
-    parse_args,
-    quantile_step,
-    run_main,
-    start_run,
-    sync_context,
-    train_dataset,
-    val_dataset,
-)
+from illm.training import IterationResult, parse_args, run_main
 from illm.validation import validate_autoencoder
 
 USAGE = (
@@ -227,7 +215,9 @@ def build_parts(
     )
 
 
-def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -> IterationResult:
+def finetune_iteration(
+    parts: FinetuneParts, batches: list[Tensor], step: int, log_due: bool = True
+) -> IterationResult:
     """One training iteration (the official `GANCompressionModule.training_step`) on the
     micro-batches `batches`, each split into images to compress and real images as the official
     step splits its per-process batch; `step` iterations have been done before it.
@@ -326,71 +316,62 @@ def main(argv: list[str]) -> None:
 def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     """Run (or resume) stage 2 as `cfg` says; returns the trained (unwrapped) networks as
     `{"autoencoder": ..., "discriminator": ...}`."""
-    train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
-    lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
+    data = TrainingData(cfg)  # bad folders and weights are refused before any process starts
+    lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or data.val_set is not None)
     labeller = load_labeller(cfg.init.labeller) if cfg.discriminator.target == "vq" else None
     run = start_run(cfg, "finetune")
-    accelerator = run.accelerator
-    device = accelerator.device
-    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
+    data.prepare(run.accelerator)
+    distortion, lpips = autoencoder_losses(cfg.distortion, lpips, run.accelerator.device)
+    parts = build_finetune(cfg, run, labeller, distortion)
+    optimizers = {"generator": parts.optimizer, "discriminator": parts.disc_optimizer}
+    if parts.aux_optimizer is not None:
+        optimizers["aux"] = parts.aux_optimizer
+    state = TrainingState(
+        models={"autoencoder": parts.model, "discriminator": parts.discriminator},
+        optimizers=optimizers,
+        schedulers={},
+        stream=data.stream,
+        learning_rates={"generator": cfg.optim.lr, "discriminator": cfg.optim.disc_lr},
+    )
+    step = resume(run, state)
+    shown = {"g": "train/generator_loss", "d": "train/discriminator_loss", "bpp": "train/quantized_total_bpp"}
+    log = TrainingLog(run, data, step, shown)
+    while step < cfg.train.max_steps:
+        log_due = log.due(step + 1)
+        result = finetune_iteration(parts, data.next_micro_batches(), step, log_due)
+        step += 1
+        if log_due or run.checkpoints.due(step):
+            check_finite(run, step, result.logs, state.models)
+        if log_due:
+            log.write(step, result.all_logs())
+        val_metrics = None
+        if data.val_loader is not None and log.validation_due(step):
+            val_metrics = validate_autoencoder(
+                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed
+            )
+        if run.checkpoints.due(step):
+            run.checkpoints.save(step, state, val_metrics)
+    log.close()
+    finish_run(run, step)
+    unwrap = run.accelerator.unwrap_model
+    return nn.ModuleDict({"autoencoder": unwrap(parts.model), "discriminator": unwrap(parts.discriminator)})
 
-    # A resumed run rebuilds the autoencoder from its own checkpoint, whatever became of init.autoencoder.
+
+def build_finetune(cfg: FinetuneConfig, run, labeller, distortion: Distortion) -> FinetuneParts:
+    """The stage-2 networks on the run's device, in train mode, with their optimizers. A resumed
+    run rebuilds the autoencoder from its own checkpoint, whatever became of init.autoencoder."""
+    device = run.accelerator.device
     if run.resume_from:
         model = load_autoencoder(str(run.resume_from), "resumed checkpoint", cfg.freeze, device)
     else:
         model = load_autoencoder(cfg.init.autoencoder, "init.autoencoder", cfg.freeze, device)
     labeller = labeller.to(device) if labeller is not None else None
-    discriminator = build_discriminator(cfg.discriminator, num_classes(labeller), latent_channels(model)).to(
-        device
-    )
+    discriminator = build_discriminator(cfg.discriminator, num_classes(labeller), latent_channels(model))
     targets = PatchTargets(labeller, discriminator.output_factor)
-
-    distortion = build_distortion(cfg.distortion, lpips).to(device)
-    lpips = lpips.to(device) if lpips is not None else None
-    parts = build_parts(cfg, accelerator, model, discriminator, distortion, targets)
-    model, discriminator = parts.model, parts.discriminator
-    optimizer, disc_optimizer, aux_optimizer = parts.optimizer, parts.disc_optimizer, parts.aux_optimizer
-    train_loader, val_loader = loaders(run, train_set, val_set)
-    stream = BatchStream(train_loader, accelerator)
-    fixed = fixed_image_sets(cfg, train_set, val_set)
-
-    optimizers = {"generator": optimizer, "discriminator": disc_optimizer}
-    if aux_optimizer is not None:
-        optimizers["aux"] = aux_optimizer
-    housekeeping = Housekeeping(
-        run,
-        stream,
-        models={"autoencoder": model, "discriminator": discriminator},
-        optimizers=optimizers,
-        schedulers={},
-        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )
-    step = housekeeping.start()
-
-    def validate():
-        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
-
-    batches = iter(stream)
-    model.train()
-    discriminator.train()
-    while step < cfg.train.max_steps:
-        result = finetune_iteration(parts, micro_batches(batches, accumulation), step)
-        step += 1
-        housekeeping.after_iteration(
-            step,
-            logs=result.all_logs,
-            validate=validate if val_loader is not None else None,
-            g=result.logs["train/generator_loss"],
-            d=result.logs["train/discriminator_loss"],
-            bpp=result.logs["train/quantized_total_bpp"],
-        )
-    finish_run(run, housekeeping.progress, "finetune", step)
-    return nn.ModuleDict(
-        {
-            "autoencoder": accelerator.unwrap_model(model),
-            "discriminator": accelerator.unwrap_model(discriminator),
-        }
-    )
+    parts = build_parts(cfg, run.accelerator, model, discriminator.to(device), distortion, targets)
+    parts.model.train()
+    parts.discriminator.train()
+    return parts
 
 
 def cli(argv=None) -> None:

@@ -13,37 +13,25 @@ onto latents drawn from that buffer with a generator seeded by the step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
+from illm.checkpoint import TrainingState
 from illm.config import load_config
+from illm.data import TrainingData
+from illm.distributed import sync_context
+from illm.divergence import check_finite
 from illm.experiment import VQVAEConfig
+from illm.loop import TrainingLog
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
-from illm.optimizer import adamw, lr_schedule
-from illm.training import (
-    BatchStream,
-    Housekeeping,
-    IterationResult,
-    accumulation_steps,
-    clip_gradients,
-    evaluating,
-    finish_run,
-    fixed_image_sets,
-    loaders,
-    micro_batches,
-    parse_args,
-    run_main,
-    start_run,
-    sync_context,
-    train_dataset,
-    val_dataset,
-)
-from illm.validation import SampleMeans, image_quality, validation_images
+from illm.optimizer import adamw, clip_gradients, lr_schedule
+from illm.run import finish_run, resume, start_run
+from illm.training import IterationResult, parse_args, run_main
+from illm.validation import SampleMeans, evaluating, image_quality, validation_images
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
 
@@ -277,68 +265,79 @@ def main(argv: list[str]) -> None:
 
 def train(cfg: VQVAEConfig) -> VQVAE:
     """Run (or resume) stage 0 as `cfg` says; returns the trained VQ-VAE (unwrapped)."""
-    train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
-    lpips = build_lpips(cfg.lpips, needed=cfg.loss.lpips_weight > 0 or bool(cfg.data.val))
+    data = TrainingData(cfg)  # bad folders are refused before any process starts
+    lpips = build_lpips(cfg.lpips, needed=cfg.loss.lpips_weight > 0 or data.val_set is not None)
     # Each process counts its own codebook hits (summed by `share_hits`): DDP must not
     # overwrite them with the main process's counts before every forward.
     run = start_run(cfg, "vqvae", broadcast_buffers=False)
-    accelerator = run.accelerator
-    accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
+    data.prepare(run.accelerator)
+    parts = build_parts(cfg, run.accelerator, lpips)
+    vqvae = run.accelerator.unwrap_model(parts.model)
+    state = TrainingState(
+        models={"vqvae": parts.model, "codebook_keeper": parts.keeper},
+        optimizers={"model": parts.optimizer},
+        schedulers={"model": parts.scheduler},
+        stream=data.stream,
+        learning_rates={"model": cfg.optim.lr},
+    )
+    step = resume(run, state)
+    log = TrainingLog(run, data, step, shown={"loss": "train/loss"})
+    parts.model.train()
+    while step < cfg.train.max_steps:
+        log_due = log.due(step + 1)
+        result = vqvae_iteration(parts, data.next_micro_batches(), step)
+        step += 1
+        if "codebook/reseeded_codes" in result.logs:
+            run.logger.scalars({"codebook/reseeded_codes": result.logs.pop("codebook/reseeded_codes")}, step)
+        if log_due or run.checkpoints.due(step):
+            check_finite(run, step, result.logs, state.models)
+        if log_due:
+            log.write(step, {**result.all_logs(), **codebook_status(vqvae, parts.keeper, step, cfg)})
+        val_metrics = None
+        if log.validation_due(step):
+            val_metrics = validate_and_show(run, parts, data, step)
+        if run.checkpoints.due(step):
+            run.checkpoints.save(step, state, val_metrics)
+    log.close()
+    finish_run(run, step)
+    return vqvae
 
+
+def build_parts(cfg: VQVAEConfig, accelerator: Accelerator, lpips) -> VQVAEParts:
+    """The VQ-VAE, its codebook keeper, optimizer and LR schedule, prepared for `accelerator`."""
     model = build_vqvae(cfg.model)
     keeper = CodebookKeeper(
         cfg.model.codebook_size, cfg.model.codebook_dim, RECENT_VECTORS_PER_CODE * cfg.model.codebook_size
     )
     keeper.to(accelerator.device)
+    optim = cfg.optim
     optimizer = adamw(
-        model.parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, cfg.train.fused_optimizer
+        model.parameters(), optim.lr, optim.weight_decay, optim.betas, cfg.train.fused_optimizer
     )
-    scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
+    scheduler = lr_schedule(optimizer, optim.schedule, optim.warmup_steps, optim.decay_steps)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
-    train_loader, val_loader = loaders(run, train_set, val_set)
     model, optimizer = accelerator.prepare(model, optimizer)
-    vqvae = accelerator.unwrap_model(model)
-    stream = BatchStream(train_loader, accelerator)
-    parts = VQVAEParts(cfg, accelerator, model, optimizer, scheduler, keeper, lpips)
-    fixed = fixed_image_sets(cfg, train_set, val_set)
-    palette = label_palette(cfg.model.codebook_size)
+    return VQVAEParts(cfg, accelerator, model, optimizer, scheduler, keeper, lpips)
 
-    housekeeping = Housekeeping(
-        run,
-        stream,
-        models={"vqvae": model, "codebook_keeper": keeper},
-        optimizers={"model": optimizer},
-        schedulers={"model": scheduler},
-        images_per_step=cfg.data.batch_size * accumulation * accelerator.num_processes,
-    )
-    step = housekeeping.start()
 
-    def logs(result: IterationResult) -> dict:
-        # codebook/dead_codes: unused since the last log; stale_codes: unused for dead_after steps.
-        usage = vqvae.codebook_usage()  # the hits of all processes since the last log
-        vqvae.reset_codebook_hits()
-        stale = keeper.dead_codes(step, cfg.codebook.dead_after).sum()
-        return {**result.logs, **codebook_logs("codebook", usage), "codebook/stale_codes": stale}
+def codebook_status(vqvae: VQVAE, keeper: CodebookKeeper, step: int, cfg: VQVAEConfig) -> dict:
+    """codebook/dead_codes: unused since the last log; stale_codes: unused for `dead_after` steps."""
+    usage = vqvae.codebook_usage()  # the hits of all processes since the last log
+    vqvae.reset_codebook_hits()
+    stale = keeper.dead_codes(step, cfg.codebook.dead_after).sum()
+    return {**codebook_logs("codebook", usage), "codebook/stale_codes": stale}
 
-    def validate() -> dict:
-        val_metrics = {}
-        if val_loader is not None:
-            val_metrics = validate_vqvae(run, model, val_loader, lpips, cfg.loss)
-            run.logger.scalars(val_metrics, step)
-        if accelerator.is_main_process:
-            log_images(run, vqvae, fixed, palette, step)
-        return val_metrics
 
-    batches = iter(stream)
-    model.train()
-    while step < cfg.train.max_steps:
-        result = vqvae_iteration(parts, micro_batches(batches, accumulation), step)
-        step += 1
-        if "codebook/reseeded_codes" in result.logs:
-            run.logger.scalars({"codebook/reseeded_codes": result.logs.pop("codebook/reseeded_codes")}, step)
-        housekeeping.after_iteration(step, partial(logs, result), validate, loss=result.logs["train/loss"])
-    finish_run(run, housekeeping.progress, "vqvae", step)
-    return vqvae
+def validate_and_show(run, parts: VQVAEParts, data: TrainingData, step: int) -> dict | None:
+    """Validation metrics (None without a validation folder) and the fixed images' grids."""
+    val_metrics = None
+    if data.val_loader is not None:
+        val_metrics = validate_vqvae(run, parts.model, data.val_loader, parts.lpips, parts.cfg.loss)
+        run.logger.scalars(val_metrics, step)
+    if run.accelerator.is_main_process:
+        vqvae = run.accelerator.unwrap_model(parts.model)
+        log_images(run, vqvae, data.fixed, label_palette(vqvae.num_codes), step)
+    return val_metrics
 
 
 def cli(argv=None) -> None:
