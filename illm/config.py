@@ -129,6 +129,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, value
 
 
+# Keys that were renamed: given under the old name, they are refused with the new one.
+RENAMED_KEYS = {
+    "rate.warmup_steps": "rate.switch_step",
+    "rate.warmup_target_factor": "rate.early_target_factor",
+    "rate.warmup_lam_factor": "rate.early_lam_factor",
+    "optim.aux_lr": "quantiles.lr",
+    "optim.aux_weight_decay": "quantiles.weight_decay",
+}
+
+
 def build_config(config_cls, tables: dict[str, Any], source: str):
     """Build `config_cls` (a dataclass of section dataclasses) from nested dicts, strictly."""
     sections = _section_types(config_cls)
@@ -146,6 +156,9 @@ def build_config(config_cls, tables: dict[str, Any], source: str):
         values = {}
         for key, value in table.items():
             where = f"{source}: key '{section_name}.{key}'"
+            if key not in fields and f"{section_name}.{key}" in RENAMED_KEYS:
+                new = RENAMED_KEYS[f"{section_name}.{key}"]
+                raise ConfigError(f"{source}: key '{section_name}.{key}' was renamed: use '{new}'")
             if key not in fields:
                 all_keys = [f"{s}.{k}" for s, c in sections.items() for k in _section_types(c)]
                 hint = _closest(f"{section_name}.{key}", all_keys)

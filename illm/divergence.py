@@ -57,9 +57,9 @@ def check_finite(run, step: int, logs: dict, models: dict) -> None:
     last = run.checkpoints.latest_intact()
     lr = run.config.optim.lr
     how = (
-        f"the last intact checkpoint is {last}; continue from it with a lower learning rate, e.g. "
-        f"run.resume_from={last} optim.lr={lr / 10:g}"
+        f"the last intact checkpoint is {last}; continue from it with a lower learning rate: "
+        f"run.resume_from={last} optim.lr=<below {lr:g}>"
         if last
-        else "no checkpoint was written yet; start over with a lower optim.lr"
+        else f"no checkpoint was written yet; start over with an optim.lr below {lr:g}"
     )
     raise Diverged(f"diverged at iteration {step}: {quantities[bad[0]]} is not finite; {how}")

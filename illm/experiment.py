@@ -127,7 +127,10 @@ class TrainSection:
         1_000_000, "Training iterations (one optimizer step of the model each).", positive
     )
     grad_clip: float = doc_field(
-        1.0, "Clip the gradient norm of the trained model to this (0 = off).", non_negative
+        1.0,
+        "Clip the total gradient norm of each trained network to this (0 = off): the autoencoder, and in "
+        "stage 2 the discriminator too, each by its own norm.",
+        non_negative,
     )
     mixed_precision: str = doc_field(
         "no",
@@ -164,12 +167,6 @@ class OptimSection:
         "the ramp; `ramp_half_cosine` reaches 0 at this iteration.",
         positive,
     )
-    aux_lr: float = doc_field(
-        1e-3, "AdamW learning rate of the entropy-bottleneck quantiles (constant).", positive
-    )
-    aux_weight_decay: float = doc_field(
-        0.01, "AdamW weight decay of the quantiles (official: torch's default, 0.01).", non_negative
-    )
 
 
 @dataclass
@@ -187,10 +184,25 @@ class RateSection:
         0.0625, "Rate weight for images whose rounded bpp is at or below the target.", non_negative
     )
     lam_above: float = doc_field(2.0, "Rate weight λ_b for images above the target.", non_negative)
-    warmup_target_factor: float = doc_field(1.429, "Target multiplier before `warmup_steps`.", positive)
-    warmup_lam_factor: float = doc_field(0.5, "λ_b multiplier before `warmup_steps`.", positive)
-    warmup_steps: int = doc_field(
-        25_000, "Iteration at which target and λ_b switch to their final values.", non_negative
+    early_target_factor: float = doc_field(
+        1.429, "Target multiplier before `switch_step` (official: 1.429).", positive
+    )
+    early_lam_factor: float = doc_field(0.5, "λ_b multiplier before `switch_step` (official: 0.5).", positive)
+    switch_step: int = doc_field(
+        25_000,
+        "Iteration at which target and λ_b switch from their early to their final values (official: "
+        "counted step 50,000, i.e. 25,000 iterations of two optimizer steps).",
+        non_negative,
+    )
+
+
+@dataclass
+class QuantileSection:
+    lr: float = doc_field(
+        1e-3, "AdamW learning rate of the entropy-bottleneck quantiles (constant; official: 1e-3).", positive
+    )
+    weight_decay: float = doc_field(
+        0.01, "AdamW weight decay of the quantiles (official: torch's default, 0.01).", non_negative
     )
 
 
@@ -198,16 +210,19 @@ class RateSection:
 class PretrainConfig:
     """Stage 1: the HiFiC autoencoder trained for rate and distortion."""
 
-    run: RunSection = doc_field(RunSection(), "")
-    data: DataSection = doc_field(DataSection(), "")
-    model: AutoencoderSection = doc_field(AutoencoderSection(), "")
-    train: TrainSection = doc_field(TrainSection(), "")
-    optim: OptimSection = doc_field(OptimSection(), "")
-    distortion: DistortionSection = doc_field(DistortionSection(), "")
-    lpips: LPIPSSection = doc_field(LPIPSSection(), "")
-    rate: RateSection = doc_field(RateSection(), "")
-    checkpoint: CheckpointSection = doc_field(CheckpointSection(), "")
-    logging: LoggingSection = doc_field(LoggingSection(), "")
+    run: RunSection = doc_field(RunSection(), "Run folder, seed and resume behaviour.")
+    data: DataSection = doc_field(DataSection(), "Image folders, crops and batches.")
+    model: AutoencoderSection = doc_field(AutoencoderSection(), "The HiFiC autoencoder's sizes.")
+    train: TrainSection = doc_field(TrainSection(), "Length, clipping and numerics of training.")
+    optim: OptimSection = doc_field(OptimSection(), "The autoencoder's AdamW and LR schedule.")
+    distortion: DistortionSection = doc_field(DistortionSection(), "The distortion loss.")
+    lpips: LPIPSSection = doc_field(LPIPSSection(), "The LPIPS network of losses and metrics.")
+    rate: RateSection = doc_field(RateSection(), "HiFiC rate targeting.")
+    quantiles: QuantileSection = doc_field(QuantileSection(), "The entropy bottleneck's quantile optimizer.")
+    checkpoint: CheckpointSection = doc_field(
+        CheckpointSection(), "Checkpoint cadence, retention and best.pt."
+    )
+    logging: LoggingSection = doc_field(LoggingSection(), "TensorBoard cadence and image grids.")
 
     def validate(self):
         _check_betas("optim.betas", self.optim.betas)
@@ -283,16 +298,20 @@ class VQVAEOptimSection:
 class VQVAEConfig:
     """Stage 0: the VQ-VAE whose codes label real image patches for the discriminator."""
 
-    run: RunSection = doc_field(RunSection(dir="runs/vqvae"), "")
-    data: DataSection = doc_field(DataSection(batch_size=16), "")
-    model: VQVAESection = doc_field(VQVAESection(), "")
-    train: TrainSection = doc_field(TrainSection(max_steps=300_000), "")
-    optim: VQVAEOptimSection = doc_field(VQVAEOptimSection(), "")
-    loss: VQVAELossSection = doc_field(VQVAELossSection(), "")
-    codebook: CodebookSection = doc_field(CodebookSection(), "")
-    lpips: LPIPSSection = doc_field(LPIPSSection(), "")
-    checkpoint: CheckpointSection = doc_field(CheckpointSection(best_metric="val/psnr"), "")
-    logging: LoggingSection = doc_field(LoggingSection(), "")
+    run: RunSection = doc_field(RunSection(dir="runs/vqvae"), "Run folder, seed and resume behaviour.")
+    data: DataSection = doc_field(DataSection(batch_size=16), "Image folders, crops and batches.")
+    model: VQVAESection = doc_field(VQVAESection(), "The VQ-VAE's sizes and codebook.")
+    train: TrainSection = doc_field(
+        TrainSection(max_steps=300_000), "Length, clipping and numerics of training."
+    )
+    optim: VQVAEOptimSection = doc_field(VQVAEOptimSection(), "AdamW and LR schedule.")
+    loss: VQVAELossSection = doc_field(VQVAELossSection(), "The VQ-VAE's loss terms.")
+    codebook: CodebookSection = doc_field(CodebookSection(), "Dead-code re-seeding.")
+    lpips: LPIPSSection = doc_field(LPIPSSection(), "The LPIPS network of losses and metrics.")
+    checkpoint: CheckpointSection = doc_field(
+        CheckpointSection(best_metric="val/psnr"), "Checkpoint cadence, retention and best.pt."
+    )
+    logging: LoggingSection = doc_field(LoggingSection(), "TensorBoard cadence and image grids.")
 
     def validate(self):
         _check_betas("optim.betas", self.optim.betas)
@@ -363,12 +382,6 @@ class GANOptimSection:
     disc_lr: float = doc_field(4e-4, "AdamW learning rate of the discriminator (constant).", positive)
     disc_betas: list[float] = doc_field([0.5, 0.9], "AdamW betas of the discriminator.")
     disc_weight_decay: float = doc_field(0.0, "AdamW weight decay of the discriminator.", non_negative)
-    aux_lr: float = doc_field(
-        1e-3, "AdamW learning rate of the quantiles (only with freeze.bottleneck = false).", positive
-    )
-    aux_weight_decay: float = doc_field(
-        0.01, "AdamW weight decay of the quantiles (official: 0.01).", non_negative
-    )
 
 
 @dataclass
@@ -386,19 +399,28 @@ class GANLossSection:
 class FinetuneConfig:
     """Stage 2: the generator fine-tuned against the conditional U-Net discriminator (OASIS loss)."""
 
-    run: RunSection = doc_field(RunSection(dir="runs/finetune"), "")
-    init: InitSection = doc_field(InitSection(), "")
-    data: DataSection = doc_field(DataSection(batch_size=16), "")
-    freeze: FreezeSection = doc_field(FreezeSection(), "")
-    discriminator: DiscriminatorSection = doc_field(DiscriminatorSection(), "")
-    train: TrainSection = doc_field(TrainSection(max_steps=100_000), "")
-    optim: GANOptimSection = doc_field(GANOptimSection(), "")
-    distortion: DistortionSection = doc_field(DistortionSection(), "")
-    lpips: LPIPSSection = doc_field(LPIPSSection(), "")
-    rate: RateSection = doc_field(RateSection(warmup_steps=0), "")
-    gan: GANLossSection = doc_field(GANLossSection(), "")
-    checkpoint: CheckpointSection = doc_field(CheckpointSection(), "")
-    logging: LoggingSection = doc_field(LoggingSection(), "")
+    run: RunSection = doc_field(RunSection(dir="runs/finetune"), "Run folder, seed and resume behaviour.")
+    init: InitSection = doc_field(InitSection(), "Where the stage-1 autoencoder and the labeller come from.")
+    data: DataSection = doc_field(DataSection(batch_size=16), "Image folders, crops and batches.")
+    freeze: FreezeSection = doc_field(FreezeSection(), "Which autoencoder parts are trained.")
+    discriminator: DiscriminatorSection = doc_field(
+        DiscriminatorSection(), "The conditional U-Net discriminator."
+    )
+    train: TrainSection = doc_field(
+        TrainSection(max_steps=100_000), "Length, clipping and numerics of training."
+    )
+    optim: GANOptimSection = doc_field(GANOptimSection(), "The generator's and discriminator's AdamW.")
+    distortion: DistortionSection = doc_field(DistortionSection(), "The distortion loss.")
+    lpips: LPIPSSection = doc_field(LPIPSSection(), "The LPIPS network of losses and metrics.")
+    rate: RateSection = doc_field(RateSection(switch_step=0), "HiFiC rate targeting.")
+    gan: GANLossSection = doc_field(GANLossSection(), "The adversarial loss.")
+    quantiles: QuantileSection = doc_field(
+        QuantileSection(), "The quantile optimizer (runs only with freeze.bottleneck = false)."
+    )
+    checkpoint: CheckpointSection = doc_field(
+        CheckpointSection(), "Checkpoint cadence, retention and best.pt."
+    )
+    logging: LoggingSection = doc_field(LoggingSection(), "TensorBoard cadence and image grids.")
 
     def validate(self):
         _check_betas("optim.betas", self.optim.betas)

@@ -104,8 +104,8 @@ def scheduled(value: float, factor_before: float, switch_step: int, step: int) -
 
 def rate_schedule(rate_cfg, step: int) -> tuple[float, float]:
     """The target bpp and λ_b in force at iteration `step` (the early phase is looser on both)."""
-    target = scheduled(rate_cfg.target_bpp, rate_cfg.warmup_target_factor, rate_cfg.warmup_steps, step)
-    lam_above = scheduled(rate_cfg.lam_above, rate_cfg.warmup_lam_factor, rate_cfg.warmup_steps, step)
+    target = scheduled(rate_cfg.target_bpp, rate_cfg.early_target_factor, rate_cfg.switch_step, step)
+    lam_above = scheduled(rate_cfg.lam_above, rate_cfg.early_lam_factor, rate_cfg.switch_step, step)
     return target, lam_above
 
 

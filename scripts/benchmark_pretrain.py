@@ -91,7 +91,7 @@ def official(path: Path, cfg, device, images):
     lpips.requires_grad_(False)
     model_params, quantile_params = model.collect_parameters()
     model_opt = torch.optim.AdamW(model_params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    quantile_opt = torch.optim.AdamW(quantile_params, lr=cfg.optim.aux_lr)
+    quantile_opt = torch.optim.AdamW(quantile_params, lr=cfg.quantiles.lr)
     schedule = RampCosineLRSchedule(model_opt, cfg.optim.warmup_steps, cfg.optim.decay_steps)
     pixels = images.shape[-2] * images.shape[-1]
     target, lam_below, lam_above = cfg.rate.target_bpp, cfg.rate.lam_below, cfg.rate.lam_above

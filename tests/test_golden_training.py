@@ -196,9 +196,9 @@ def rate_overrides(rate_target: dict, steps_per_iteration: int) -> list[str]:
         f"rate.target_bpp={rate_target['target_bpp']}",
         f"rate.lam_below={rate_target['lam_levels'][0]}",
         f"rate.lam_above={rate_target['lam_levels'][1]}",
-        f"rate.warmup_target_factor={rate_target['target_factors'][0]}",
-        f"rate.warmup_lam_factor={rate_target['lam2_factors'][0]}",
-        f"rate.warmup_steps={math.ceil(rate_target['target_steps'][0] / steps_per_iteration)}",
+        f"rate.early_target_factor={rate_target['target_factors'][0]}",
+        f"rate.early_lam_factor={rate_target['lam2_factors'][0]}",
+        f"rate.switch_step={math.ceil(rate_target['target_steps'][0] / steps_per_iteration)}",
     ]
 
 
@@ -256,7 +256,7 @@ def test_stage1_iteration_matches_official(golden):
     assert (cfg.optim.schedule, cfg.optim.lr) == ("ramp_quarter_cosine", model_opt["initial_lr"])
     assert cfg.optim.warmup_steps == model_opt["schedule_params"]["num_ramp_steps"]
     assert cfg.optim.decay_steps == model_opt["schedule_params"]["max_steps"]
-    assert cfg.optim.aux_lr == config["optimizers"]["quantile_opt"]["initial_lr"]
+    assert cfg.quantiles.lr == config["optimizers"]["quantile_opt"]["initial_lr"]
 
     model_cfg = config["model"]
     cfg.model.latent_channels, cfg.model.hyper_channels = (

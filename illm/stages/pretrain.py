@@ -67,7 +67,7 @@ def build_parts(
     ignore_in_ddp(model, model.aux_parameters())
     fused = cfg.train.fused_optimizer
     optimizer = adamw(model.main_parameters(), cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas, fused)
-    aux_optimizer = adamw(model.aux_parameters(), cfg.optim.aux_lr, cfg.optim.aux_weight_decay, fused=fused)
+    aux_optimizer = adamw(model.aux_parameters(), cfg.quantiles.lr, cfg.quantiles.weight_decay, fused=fused)
     scheduler = lr_schedule(optimizer, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.decay_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
