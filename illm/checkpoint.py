@@ -34,6 +34,7 @@ from illm.errors import IllmError, one_line
 from illm.files import atomic_open, atomic_write_bytes
 
 FORMAT_VERSION = 1
+CHECKPOINT_MARK = "illm_checkpoint"
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
 
 
@@ -52,19 +53,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint file (never runs code: weights_only)."""
+    """Load a checkpoint file, memory-mapped (never runs code: weights_only)."""
     path = Path(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
         raise IllmError(f"checkpoint not found: {path}") from None
     except Exception as error:  # unpickling errors come in many types
         raise IllmError(
             f"{path}: not a readable checkpoint ({type(error).__name__}: {one_line(error)})"
         ) from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("illm_checkpoint") != FORMAT_VERSION:
-        raise IllmError(f"{path}: not an illm training checkpoint")
-    return checkpoint
+    return checked_checkpoint(checkpoint, path)
+
+
+def is_checkpoint(content) -> bool:
+    """Whether loaded file content is one of our training checkpoints (of any format version)."""
+    return isinstance(content, dict) and CHECKPOINT_MARK in content
+
+
+def checked_checkpoint(content, path: str | Path) -> dict:
+    """`content` (a loaded file) when it is a training checkpoint this version reads."""
+    if not is_checkpoint(content) or content[CHECKPOINT_MARK] != FORMAT_VERSION:
+        raise IllmError(f"{path}: not an illm training checkpoint (format {FORMAT_VERSION})")
+    return content
+
+
+def checkpoint_model(content, path: str | Path, name: str) -> dict:
+    """The state dict of model `name` in a loaded training checkpoint."""
+    models = checked_checkpoint(content, path).get("models")
+    if not isinstance(models, dict) or name not in models:
+        found = ", ".join(models) if isinstance(models, dict) else "none"
+        raise IllmError(f"{path}: training checkpoint without {name} weights (it has: {found})")
+    return models[name]
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -206,7 +226,7 @@ class CheckpointManager:
         rng_states = gather_rng_states(accelerator)
         if accelerator.is_main_process:
             checkpoint = {
-                "illm_checkpoint": FORMAT_VERSION,
+                CHECKPOINT_MARK: FORMAT_VERSION,
                 "step": step,
                 "models": {
                     name: accelerator.unwrap_model(m).state_dict() for name, m in state.models.items()

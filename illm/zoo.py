@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from illm import codec
-from illm.checkpoint import resolve_checkpoint
+from illm.checkpoint import checkpoint_model, is_checkpoint, resolve_checkpoint
 from illm.download import cache_path, cached_file
 from illm.errors import IllmError, one_line
 from illm.files import atomic_write_bytes
@@ -94,7 +94,6 @@ class _ModelClasses(Mapping):
 
 
 MODEL_CLASSES = _ModelClasses()
-_CHECKPOINT_MARK = "illm_checkpoint"
 _license_shown = False
 
 
@@ -228,12 +227,8 @@ def _read_state_dict(path: Path, kind: str) -> dict[str, Tensor]:
             f"{path}: not a PyTorch state dict or checkpoint that loads with weights_only=True "
             f"({_load_failure(error)})"
         ) from None
-    if isinstance(content, Mapping) and _CHECKPOINT_MARK in content:
-        models = content.get("models")
-        if not isinstance(models, Mapping) or kind not in models:
-            found = ", ".join(models) if isinstance(models, Mapping) else "none"
-            raise IllmError(f"{path}: training checkpoint without {kind} weights (it has: {found})")
-        content = models[kind]
+    if is_checkpoint(content):
+        content = checkpoint_model(content, path, kind)
     if (
         not isinstance(content, Mapping)
         or not content

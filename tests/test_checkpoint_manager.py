@@ -226,3 +226,17 @@ def test_divergence_stops_cleanly_and_a_lower_lr_continues(tmp_path, folders):
     for step in (3, 4):  # iteration `step` runs at schedule position step - 1
         expected = 1e-4 * factor(step - 1, cfg.optim.warmup_steps, cfg.optim.decay_steps)
         assert lr[step] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_resumed_run_purges_what_was_logged_after_its_checkpoint(tmp_path, folders):
+    run = tmp_path / "run"
+    steps = ["logging.every=1", "checkpoint.every=2", "data.val=''", "checkpoint.keep_last=5"]
+    train(tiny(run, folders, "train.max_steps=3", *steps))
+    (run / "checkpoints" / "step_00000003.pt").unlink()  # as if killed after logging step 3
+    first_three = logged(run, "train/total_loss")[3]
+    train(tiny(run, folders, "train.max_steps=4", *steps))  # resumes from step 2
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps_logged = [e.step for e in events.Scalars("train/total_loss")]
+    assert steps_logged == [1, 2, 3, 4]  # step 3 once: the interrupted run's was purged
+    assert logged(run, "train/total_loss")[3] == pytest.approx(first_three, rel=1e-6)  # same data, same RNG
