@@ -22,8 +22,8 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from illm import backends, metrics
 from illm import config as config_io
-from illm import metrics
 from illm.checkpoint import (
     CheckpointManager,
     prepare_run_dir,
@@ -90,6 +90,7 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
         ],
     )
     set_seed(config.run.seed + accelerator.process_index)
+    backends.allow_tf32_convolutions(config.train.allow_tf32)
     run_dir = Path(config.run.dir)
     config_toml = config_io.to_toml(config)
     resuming = prepare_run_dir(
