@@ -150,7 +150,8 @@ def _damage(path: Path) -> str:
 
 
 def rng_state() -> dict:
-    """The state of every RNG this process uses, in a weights_only-loadable form."""
+    """The state of every RNG this process uses, in a weights_only-loadable form: on CUDA the RNG
+    of this process's current device only (a resumed run may see another number of GPUs)."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -158,7 +159,7 @@ def rng_state() -> dict:
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -168,8 +169,13 @@ def set_rng_state(state: dict) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy(), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's, by device index
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 # --- the manager ----------------------------------------------------------------------------------

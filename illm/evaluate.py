@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from illm import codec, images, zoo
+from illm import backends, codec, images, zoo
 from illm.errors import IllmError
 from illm.files import atomic_write_bytes
 from illm.metrics import ALL_METRICS, DEFAULT_METRICS, DISTRIBUTION_METRICS, ImageMetrics
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------------------
 
 
+@backends.full_float32()  # the metric networks too: figures that do not depend on TF32
 def evaluate(models: dict[str, str], datasets: dict[str, list[Path]], settings: Settings) -> Report:
     """Evaluate every model (name -> source) on every dataset (name -> image files)."""
     try:

@@ -146,6 +146,11 @@ class TrainSection:
         False,
         "Use torch's fused AdamW kernel (one pass over all parameters); same numbers up to float rounding.",
     )
+    allow_tf32: bool = doc_field(
+        True,
+        "Let float32 cuDNN convolutions use TF32 on Ampere and newer GPUs (PyTorch's default, under which "
+        "the official models were trained); false: full float32, slower. Coding and evaluation never use TF32.",
+    )
 
 
 @dataclass

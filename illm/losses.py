@@ -24,6 +24,9 @@ class LPIPSLoss(nn.Module):
     The lpips package unit-normalises features as `f / (sqrt(sum_c f^2) + 1e-10)`, whose gradient
     blows up where a feature vector is zero; the official loss puts its eps inside the root, per
     element: `f / sqrt(sum_c (f^2 + 1e-8))`. Same weights as the metric; per-image distances (B,).
+
+    The normalisation runs in float32 under any autocast: in float16, 1e-8 rounds to 0 (a zero
+    feature vector then gives 0/0) and squares of features above 256 overflow.
     """
 
     EPS = 1e-8
@@ -43,6 +46,7 @@ class LPIPSLoss(nn.Module):
         return total.flatten()
 
     def _unit(self, features: Tensor) -> Tensor:
+        features = features.float()
         return features / torch.sqrt(torch.sum(features**2 + self.EPS, dim=1, keepdim=True))
 
 

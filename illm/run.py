@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 
+from illm import backends
 from illm import config as config_io
 from illm.checkpoint import CheckpointManager, TrainingState, prepare_run_dir, read_checkpoint, resume_point
 from illm.files import atomic_write_bytes
@@ -52,6 +53,7 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off.
     torch.backends.cudnn.benchmark = accelerator.device.type == "cuda"
     set_seed(config.run.seed + accelerator.process_index)
+    backends.allow_tf32_convolutions(config.train.allow_tf32)
     run_dir = Path(config.run.dir)
     config_toml = config_io.to_toml(config)
     resuming = prepare_run_dir(

@@ -209,3 +209,24 @@ def test_bad_inputs_raise_one_line_errors(model):
         model.compress(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(IllmError, match="height"):
         model.decompress(b"", b"", 0, 10)
+
+
+def test_bf16_autocast_runs_the_hyperprior_in_float32(model):
+    """Under training autocast the hyper-analysis and both hyper-syntheses take and give float32,
+    equal to the float32 computation of the same inputs (issue 18, point 3)."""
+    seen = {}
+
+    def remember(name):
+        def hook(module, inputs, output):
+            seen[name] = (inputs[0].detach(), output.detach())
+
+        return hook
+
+    for name in ("hyper_analysis", "hyper_synthesis_mean", "hyper_synthesis_scale"):
+        getattr(model, name).register_forward_hook(remember(name))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train()(images(2, 3, 64, 64))
+    for name, (given, output) in seen.items():
+        assert given.dtype == torch.float32 and output.dtype == torch.float32, name
+        with torch.no_grad():
+            assert torch.equal(output, getattr(model, name)(given)), name

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from illm import rans, tiling
+from illm import backends, rans, tiling
 from illm.errors import IllmError
 from illm.models._compressai import EntropyBottleneck, GaussianConditional
 from illm.models.layers import ChannelNorm2d, load_strict
@@ -208,6 +208,35 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type, enabled=False)
 
 
+def _cpu_float32_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` on the CPU with float32 floating-point tensors and no gradients,
+    made without a second copy on the module's own device."""
+
+    def converted(tensor: Tensor) -> Tensor:
+        dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+        return tensor.detach().to("cpu", dtype, copy=True)
+
+    memo: dict[int, object] = {id(buffer): converted(buffer) for buffer in module.buffers()}
+    for parameter in module.parameters():
+        memo[id(parameter)] = nn.Parameter(converted(parameter), requires_grad=False)
+    return copy.deepcopy(module, memo)
+
+
+def _weights_key(modules: list[nn.Module]) -> tuple:
+    """What identifies the current weights of ``modules``: each tensor's identity, storage, dtype
+    and shape, and float64 sums and norms of its values. Optimizer steps (fused ones too, which
+    leave PyTorch's version counters alone), loads, moves and rebuilt tables all change it."""
+    tensors = [tensor for module in modules for tensor in (*module.parameters(), *module.buffers())]
+    layout = tuple((id(t), t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in tensors)
+    statistics: dict[torch.device, list[Tensor]] = {}
+    for tensor in tensors:  # one transfer per device, not one per tensor
+        values = tensor.detach() if tensor.is_floating_point() else tensor.detach().double()
+        total = values.sum(dtype=torch.float64)
+        norm = torch.linalg.vector_norm(values, dtype=torch.float64)
+        statistics.setdefault(tensor.device, []).append(torch.stack([total, norm]))
+    return layout, tuple(tuple(torch.stack(pairs).cpu().flatten().tolist()) for pairs in statistics.values())
+
+
 def _quantize_ste(latent: Tensor, means: Tensor) -> Tensor:
     """round(latent - means) + means in the forward pass, identity in the backward pass.
 
@@ -318,6 +347,8 @@ class HiFiCAutoencoder(nn.Module):
             bottleneck.register_load_state_dict_pre_hook(_prepare_entropy_model_load)
         self._frozen_encoder = False
         self._frozen_bottleneck = False
+        # (weights key, CPU float32 copy of the entropy modules), for a model that lives elsewhere
+        self._coder_cache: tuple[tuple, _EntropyCoder] | None = None
 
     @classmethod
     def from_state_dict(cls, state_dict: Mapping[str, Tensor], *, assign: bool = False) -> HiFiCAutoencoder:
@@ -361,9 +392,10 @@ class HiFiCAutoencoder(nn.Module):
         """Encodes, quantizes and decodes `images` (B x 3 x H x W in [0, 1], sides multiples of 64)."""
         self._check_images(images, need_multiple=True)
         latent = self.encoder(images)
-        hyper = self.hyper_analysis(latent)
-        with _no_autocast(hyper.device):
-            hyper = hyper.float()
+        # The hyperprior runs in float32 under any autocast, as the codec's does: the means that
+        # the rounding and the rate use must not be rounded to bf16 (about 0.03 of a bin near 10).
+        with _no_autocast(latent.device):
+            hyper = self.hyper_analysis(latent.float())
             hyper_hat, hyper_likelihoods = self.hyper_bottleneck(hyper)
             # As in the official model, the rounded likelihoods are those of the noisy hyper-latent
             # rounded around the medians. An entropy model in eval mode (frozen in stage 2, or
@@ -372,13 +404,11 @@ class HiFiCAutoencoder(nn.Module):
             if self.hyper_bottleneck.training:
                 with torch.no_grad():
                     _, hyper_rounded_likelihoods = self.hyper_bottleneck(hyper_hat, training=False)
-        means = self.hyper_synthesis_mean(hyper_hat)
-        scales = self.hyper_synthesis_scale(hyper_hat)
-        with _no_autocast(latent.device):
+            means = self.hyper_synthesis_mean(hyper_hat)
+            scales = self.hyper_synthesis_scale(hyper_hat)
             # compressai draws the training noise with `empty_like`, in memory order: a latent
             # in channels-last layout would get the same numbers at other positions.
             latent = latent.float().contiguous()
-            means, scales = means.float(), scales.float()
             latent_hat, latent_likelihoods = self.latent_bottleneck(latent, scales, means=means)
             # As in the official model, the rounded latent is judged by the means and scales of
             # the (noisy in training) hyper-latent that the rate loss uses.
@@ -409,7 +439,8 @@ class HiFiCAutoencoder(nn.Module):
         self._check_images(images, need_multiple=False)
         tile = tiling.resolve_tile(tile, *images.shape[-2:])
         padded = _pad_to_multiple(images, self.pad_multiple)
-        latent = tiling.encode(self.encoder, padded, tile)
+        with backends.full_float32():
+            latent = tiling.encode(self.encoder, padded, tile)
         with _no_autocast(latent.device):
             latent_strings, hyper_strings = self._entropy_coder().encode(latent)
         return list(zip(latent_strings, hyper_strings))
@@ -432,7 +463,8 @@ class HiFiCAutoencoder(nn.Module):
         tile = tiling.resolve_tile(tile, height, width)
         with _no_autocast(torch.device("cpu")):
             latent = self._entropy_coder().decode(latent_string, hyper_string, self.hyper_size(height, width))
-        images = tiling.generate(self.decoder, latent, tile)
+        with backends.full_float32():
+            images = tiling.generate(self.decoder, latent, tile)
         return images[:, :, :height, :width].clamp(0.0, 1.0)
 
     def hyper_size(self, height: int, width: int) -> tuple[int, int]:
@@ -465,11 +497,32 @@ class HiFiCAutoencoder(nn.Module):
 
     @torch.no_grad()
     def update(self, force: bool = False) -> bool:
-        """Builds the entropy coders' tables (if missing, or always with `force`); True if it did."""
-        with _no_autocast(self.hyper_bottleneck.quantiles.device):
-            updated = self.hyper_bottleneck.update(force=force)
-            updated |= self.latent_bottleneck.update_scale_table(scale_table(), force=force)
-        return updated
+        """Builds the entropy coders' tables (if missing, or always with `force`); True if it did.
+
+        The tables are computed on the CPU in float32 whatever the model's device and dtype (a
+        decoder elsewhere must get the same tables from the same weights: CUDA's `erfc` and
+        `softplus` need not round as the CPU's do), then stored in the model's buffers on its
+        device. Like compressai's, tables once built stay until ``force``: after changing the
+        entropy models' weights, call ``update(force=True)`` before coding.
+        """
+        bottlenecks = ("hyper_bottleneck", "latent_bottleneck")
+        missing = [name for name in bottlenecks if force or getattr(self, name)._offset.numel() == 0]
+        if not missing:
+            return False
+        coder = self._cpu_coder()
+        with _no_autocast(torch.device("cpu")):
+            if "hyper_bottleneck" in missing:
+                coder.hyper_bottleneck.update(force=True)
+            if "latent_bottleneck" in missing:
+                coder.latent_bottleneck.update_scale_table(scale_table(), force=True)
+        if coder.hyper_bottleneck is not self.hyper_bottleneck:  # a copy: give the model its tables
+            for name in missing:
+                built, own = getattr(coder, name), getattr(self, name)
+                for table in _CODER_TABLES:
+                    if isinstance(getattr(own, table, None), Tensor):
+                        setattr(own, table, getattr(built, table).to(own._offset.device, copy=True))
+            self._coder_cache = (self._entropy_weights_key(), coder)
+        return True
 
     def aux_loss(self) -> Tensor:
         """The loss that fits the hyper-latent quantiles (it only reaches `aux_parameters()`)."""
@@ -514,8 +567,14 @@ class HiFiCAutoencoder(nn.Module):
         module.requires_grad_(False)
 
     def _entropy_coder(self) -> _EntropyCoder:
-        """The entropy path with built tables, on the CPU in float32 (copied if it lives elsewhere)."""
+        """The entropy path with built tables, on the CPU in float32."""
         self.update()
+        return self._cpu_coder()
+
+    def _cpu_coder(self) -> _EntropyCoder:
+        """The entropy modules themselves when they are on the CPU in float32; else a CPU float32
+        copy, made once and kept until the weights change (see `_weights_key`): coding an image
+        no longer copies the hyperprior (about 68 MB at full size) from the GPU each time."""
         modules = {name: getattr(self, name) for name in _ENTROPY_MODULES}
         cpu = torch.device("cpu")
         on_cpu = all(
@@ -523,9 +582,18 @@ class HiFiCAutoencoder(nn.Module):
             for module in modules.values()
             for tensor in (*module.parameters(), *module.buffers())
         )
-        if not on_cpu:
-            modules = {name: copy.deepcopy(module).to(cpu, torch.float32) for name, module in modules.items()}
-        return _EntropyCoder(**modules)
+        if on_cpu:
+            self._coder_cache = None
+            return _EntropyCoder(**modules)
+        key = self._entropy_weights_key()
+        if self._coder_cache is None or self._coder_cache[0] != key:
+            self._coder_cache = None  # free the old copy before making the new one
+            copies = {name: _cpu_float32_copy(module) for name, module in modules.items()}
+            self._coder_cache = (key, _EntropyCoder(**copies))
+        return self._coder_cache[1]
+
+    def _entropy_weights_key(self) -> tuple:
+        return _weights_key([getattr(self, name) for name in _ENTROPY_MODULES])
 
     def _check_images(self, images: Tensor, need_multiple: bool) -> None:
         if not isinstance(images, Tensor) or images.ndim != 4 or images.shape[1] != 3:

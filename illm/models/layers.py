@@ -15,7 +15,9 @@ class ChannelNorm2d(nn.Module):
 
     Statistics are taken across the channel dimension only, so the output does not depend on
     the batch or the image size. The variance is the unbiased one and epsilon is 1e-3, as in the
-    official implementation: the released weights were trained with exactly this.
+    official implementation: the released weights were trained with exactly this. Float16 inputs
+    are normalised in float32: the squared deviations of activations above 256 overflow float16
+    (bfloat16 has float32's range, and float32 inputs keep the official operations bit for bit).
     """
 
     def __init__(self, channels: int, eps: float = 1e-3, affine: bool = True):
@@ -31,6 +33,8 @@ class ChannelNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled() and x.is_contiguous(memory_format=torch.channels_last):
             return self._fused(x)
+        if x.dtype == torch.float16:
+            x = x.float()
         mean = x.mean(dim=1, keepdim=True)
         var = x.var(dim=1, keepdim=True, unbiased=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)
