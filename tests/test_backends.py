@@ -97,7 +97,7 @@ def test_evaluation_runs_without_tf32(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("allowed", [True, False])
 def test_training_applies_train_allow_tf32(allowed, tmp_path):
-    from illm.training import start_run
+    from illm.run import start_run
 
     torch.backends.cudnn.allow_tf32 = not allowed
     config = load_config(
