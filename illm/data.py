@@ -32,7 +32,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from illm.errors import ConfigError, one_line
+from illm.errors import ConfigError, IllmError, one_line
 from illm.experiment import CROP_MODES
 from illm.image_index import find_images
 from illm.images import MAX_PIXELS
@@ -232,6 +232,42 @@ def train_transform(crop_size: int, mode: str = "random_crop") -> v2.Compose:
 def val_transform(crop_size: int) -> v2.Compose:
     """Evaluation preprocessing: resize the shorter side to ``crop_size``, then a centre crop."""
     return v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets of a run
+# ----------------------------------------------------------------------------------------------
+
+
+def train_dataset(data) -> ImageFolder:
+    if not data.train:
+        raise IllmError("data.train is empty: give a folder of training images (data.train=/path/to/images)")
+    return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode))
+
+
+def val_dataset(data) -> ImageFolder | None:
+    if not data.val:
+        return None
+    dataset = ImageFolder(data.val, val_transform(data.val_crop_size))
+    if data.val_max_images and len(dataset) > data.val_max_images:
+        dataset = torch.utils.data.Subset(dataset, range(data.val_max_images))
+    return dataset
+
+
+def fixed_images(dataset, count: int, crop_size: int) -> torch.Tensor | None:
+    """The first `count` readable images of a dataset under the validation transform (for grids)."""
+    if dataset is None or count == 0:
+        return None
+    root = dataset.dataset.root if isinstance(dataset, torch.utils.data.Subset) else dataset.root
+    plain = ImageFolder(root, val_transform(crop_size))
+    images = [img for i in range(min(len(plain), count * 2)) if (img := plain[i]) is not None][:count]
+    return torch.stack(images) if images else None
+
+
+def fixed_image_sets(cfg, train_set, val_set) -> dict[str, Tensor | None]:
+    """The fixed training and validation images every stage shows in its TensorBoard grids."""
+    count, size = cfg.logging.num_images, cfg.data.val_crop_size
+    return {"train": fixed_images(train_set, count, size), "val": fixed_images(val_set, count, size)}
 
 
 # ----------------------------------------------------------------------------------------------

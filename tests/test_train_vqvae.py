@@ -11,9 +11,9 @@ from helpers.synthetic import synthetic_images
 from illm import metrics, zoo
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
+from illm.data import val_dataset
 from illm.experiment import VQVAEConfig
 from illm.stages.vqvae import build_vqvae, cli, train
-from illm.training import val_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "illm" / "configs" / "tiny" / "vqvae.toml"

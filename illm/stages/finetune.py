@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from illm import zoo
 from illm.config import load_config
+from illm.data import fixed_image_sets, train_dataset, val_dataset
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.losses import (
@@ -52,7 +53,6 @@ from illm.training import (
     accumulation_steps,
     clip_gradients,
     finish_run,
-    fixed_image_sets,
     ignore_in_ddp,
     loaders,
     micro_batches,
@@ -61,8 +61,6 @@ from illm.training import (
     run_main,
     start_run,
     sync_context,
-    train_dataset,
-    val_dataset,
 )
 from illm.validation import validate_autoencoder
 

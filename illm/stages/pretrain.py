@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
+from illm.data import fixed_image_sets, train_dataset, val_dataset
 from illm.experiment import PretrainConfig
 from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
@@ -27,7 +28,6 @@ from illm.training import (
     accumulation_steps,
     clip_gradients,
     finish_run,
-    fixed_image_sets,
     ignore_in_ddp,
     loaders,
     micro_batches,
@@ -36,8 +36,6 @@ from illm.training import (
     run_main,
     start_run,
     sync_context,
-    train_dataset,
-    val_dataset,
 )
 from illm.validation import validate_autoencoder
 

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
+from illm.data import fixed_image_sets, train_dataset, val_dataset
 from illm.experiment import VQVAEConfig
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
@@ -33,15 +34,12 @@ from illm.training import (
     clip_gradients,
     evaluating,
     finish_run,
-    fixed_image_sets,
     loaders,
     micro_batches,
     parse_args,
     run_main,
     start_run,
     sync_context,
-    train_dataset,
-    val_dataset,
 )
 from illm.validation import SampleMeans, image_quality, validation_images
 
