@@ -201,7 +201,13 @@ def loaders(run: Run, train_set, val_set):
     val_loader = None
     if val_set is not None:
         val_loader = make_loader(
-            val_set, data.val_batch_size, shuffle=False, num_workers=data.num_workers, seed=0, drop_last=False
+            val_set,
+            data.val_batch_size,
+            shuffle=False,
+            num_workers=data.num_workers,
+            seed=0,
+            drop_last=False,
+            fill_shape=(3, data.val_crop_size, data.val_crop_size),  # unreadable images masked, not dropped
         )
     train_loader = run.accelerator.prepare_data_loader(train_loader)
     if val_loader is not None:

@@ -62,7 +62,7 @@ from illm.training import (
     start_run,
     sync_context,
 )
-from illm.validation import validate_autoencoder
+from illm.validation import Adversarial, build_fid, validate_autoencoder
 
 USAGE = (
     "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n"
@@ -326,6 +326,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     `{"autoencoder": ..., "discriminator": ...}`."""
     train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
+    fid = build_fid(cfg.fid, needed=bool(cfg.data.val))
     labeller = load_labeller(cfg.init.labeller) if cfg.discriminator.target == "vq" else None
     run = start_run(cfg, "finetune")
     accelerator = run.accelerator
@@ -345,6 +346,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
 
     distortion = build_distortion(cfg.distortion, lpips).to(device)
     lpips = lpips.to(device) if lpips is not None else None
+    fid = fid.to(device) if fid is not None else None
     parts = build_parts(cfg, accelerator, model, discriminator, distortion, targets)
     model, discriminator = parts.model, parts.discriminator
     optimizer, disc_optimizer, aux_optimizer = parts.optimizer, parts.disc_optimizer, parts.aux_optimizer
@@ -366,7 +368,10 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     step = housekeeping.start()
 
     def validate():
-        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
+        adversarial = Adversarial(discriminator, targets, cfg.gan.generator_weight)
+        return validate_autoencoder(
+            run, model, val_loader, distortion, lpips, cfg.rate, step, fixed, fid=fid, adversarial=adversarial
+        )
 
     batches = iter(stream)
     model.train()

@@ -37,7 +37,7 @@ from illm.training import (
     start_run,
     sync_context,
 )
-from illm.validation import validate_autoencoder
+from illm.validation import build_fid, validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
 
@@ -132,12 +132,14 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     """Run (or resume) stage 1 as `cfg` says; returns the trained autoencoder (unwrapped)."""
     train_set, val_set = train_dataset(cfg.data), val_dataset(cfg.data)  # fail on bad folders first
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or bool(cfg.data.val))
+    fid = build_fid(cfg.fid, needed=bool(cfg.data.val))
     run = start_run(cfg, "pretrain")
     accelerator = run.accelerator
     accumulation = accumulation_steps(cfg.data, accelerator.num_processes)
 
     distortion = build_distortion(cfg.distortion, lpips).to(accelerator.device)
     lpips = lpips.to(accelerator.device) if lpips is not None else None
+    fid = fid.to(accelerator.device) if fid is not None else None
     parts = build_parts(cfg, accelerator, build_autoencoder(cfg.model), distortion)
     model, optimizer, scheduler, aux_optimizer = (
         parts.model,
@@ -160,7 +162,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     step = housekeeping.start()
 
     def validate():
-        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed)
+        return validate_autoencoder(run, model, val_loader, distortion, lpips, cfg.rate, step, fixed, fid=fid)
 
     batches = iter(stream)
     model.train()

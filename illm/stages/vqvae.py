@@ -41,7 +41,7 @@ from illm.training import (
     start_run,
     sync_context,
 )
-from illm.validation import SampleMeans, image_quality, validation_images
+from illm.validation import SampleMeans, image_quality, pooled_quality, validation_images
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
 
@@ -171,7 +171,7 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
     averages = SampleMeans(accelerator)
     code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     with evaluating(vqvae):
-        for images in validation_images(val_loader):
+        for images, valid in validation_images(val_loader):
             with accelerator.autocast():
                 out = vqvae(images)
             pixel_error = pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1)
@@ -179,10 +179,9 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
                 **image_quality(out.images.float().clamp(0, 1), images, lpips),
                 f"val/{loss_cfg.reconstruction}": pixel_error,
             }
-            for name, values in per_image.items():
-                averages.add(name, values)
-            code_counts += vqvae.code_counts(averages.gather(out.indices)).cpu()
-    results = averages.means()
+            averages.add(per_image, valid)
+            code_counts += vqvae.code_counts(averages.gather_valid(out.indices, valid)).cpu()
+    results = pooled_quality(averages.means())
     if not results:
         return {}
     # codebook_usage reads indices: rebuild an index multiset with the summed counts.
