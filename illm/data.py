@@ -3,7 +3,9 @@
 Pipeline: ``illm.image_index.find_images`` lists a folder once (the listing is cached),
 ``ImageFolder`` decodes files with libjpeg-turbo / libpng (``torchvision.io``; PIL as fallback),
 skips unreadable files instead of failing, and ``make_loader`` batches with ``collate_skip_bad``
-into ``Batch(images, num_skipped)``.
+into ``Batch(images, num_skipped)`` (validation: ``collate_masked``, with a validity mask).
+``train_dataset`` / ``val_dataset`` build a run's datasets from its ``data`` config section:
+the whole folder, or the images a list file names (``image_list``).
 
 Epochs and resumption (with Accelerate): the order of an epoch and every sample's random
 augmentation are pure functions of ``(seed, epoch)`` (``EpochSampler`` hands out
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -33,12 +36,14 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from illm.errors import ConfigError, IllmError, one_line
-from illm.experiment import CROP_MODES
+from illm.experiment import CROP_MODES, VAL_TRANSFORMS
 from illm.image_index import find_images
-from illm.images import MAX_PIXELS
+from illm.images import IMAGE_EXTENSIONS, MAX_PIXELS
 from illm.loop import accumulation_steps
 
 logger = logging.getLogger(__name__)
+
+OFFICIAL_INVALID_FILE = "openimages_v6_invalid_train_images.txt"
 
 # ----------------------------------------------------------------------------------------------
 # Decoding
@@ -93,8 +98,11 @@ class ImageFolder(Dataset):
     from that sample's seed, so the same (index, seed) always gives the same tensor; with a plain
     int, from the global torch RNG.
 
-    An unreadable, corrupt or oversized file yields ``None`` (drop it with ``collate_skip_bad``),
-    is logged once, and is remembered in a table shared with loader worker processes:
+    ``images``: the paths (relative to ``root``) to read instead of every image under ``root``
+    (see ``image_list``).
+
+    An unreadable, corrupt or oversized file yields ``None`` (``collate_skip_bad`` drops it,
+    ``collate_masked`` masks it), is logged once, and is remembered in a table shared with loader worker processes:
     ``bad_files()`` in the main process lists them.
     """
 
@@ -103,13 +111,15 @@ class ImageFolder(Dataset):
         root: str | os.PathLike,
         transform: Callable[[Tensor], Tensor] | None = None,
         max_pixels: int = MAX_PIXELS,
+        images: list[str] | None = None,
     ):
         self.root = Path(root).expanduser()
         self.transform = transform
         self.max_pixels = max_pixels
         # One NUL-separated bytes blob instead of 1.7M Python strings: reading list items in
         # forked workers touches their refcounts, which copies the whole list into every worker.
-        self._path_blob = "\0".join(find_images(self.root)).encode("utf-8", "surrogateescape") + b"\0"
+        paths = find_images(self.root) if images is None else images
+        self._path_blob = "\0".join(paths).encode("utf-8", "surrogateescape") + b"\0"
         self._path_ends = np.flatnonzero(np.frombuffer(self._path_blob, dtype=np.uint8) == 0)
         self._known_bad = torch.zeros(len(self._path_ends), dtype=torch.bool).share_memory_()
 
@@ -154,14 +164,18 @@ class ImageFolder(Dataset):
 
 
 class Batch(NamedTuple):
-    """A training batch: ``images`` (N, 3, H, W) and how many samples were dropped as unreadable.
+    """A batch: ``images`` (N, 3, H, W) and how many samples were unreadable.
 
-    N is below the loader's batch size when samples were dropped, and 0 (``images`` of shape
-    (0, 3, 0, 0)) in the unlikely case that every sample was bad.
+    Training batches (``collate_skip_bad``) drop those samples: N is below the loader's batch
+    size when samples were dropped, and 0 (``images`` of shape (0, 3, 0, 0)) in the unlikely case
+    that every sample was bad; ``valid`` is None. Validation batches (``collate_masked``) keep
+    their size, so that every process gathers tensors of one shape: an unreadable sample is a
+    zero image whose entry in the boolean ``valid`` (N,) is False.
     """
 
     images: Tensor
     num_skipped: int
+    valid: Tensor | None = None
 
 
 def collate_skip_bad(samples: list[Tensor | None]) -> Batch:
@@ -171,6 +185,14 @@ def collate_skip_bad(samples: list[Tensor | None]) -> Batch:
     if not images:
         return Batch(torch.empty(0, 3, 0, 0), num_skipped)
     return Batch(default_collate(images), num_skipped)  # in a worker, stacks straight into shared memory
+
+
+def collate_masked(samples: list[Tensor | None], shape: tuple[int, ...]) -> Batch:
+    """Stack every sample, a zero image of ``shape`` standing for an unreadable one (``None``),
+    with the mask of the readable ones: a batch of the loader's size whatever was unreadable."""
+    valid = torch.tensor([sample is not None for sample in samples])
+    images = [torch.zeros(shape) if sample is None else sample for sample in samples]
+    return Batch(default_collate(images), int((~valid).sum()), valid)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,9 +252,115 @@ def train_transform(crop_size: int, mode: str = "random_crop") -> v2.Compose:
     return v2.Compose([crop, v2.RandomHorizontalFlip()])
 
 
-def val_transform(crop_size: int) -> v2.Compose:
-    """Evaluation preprocessing: resize the shorter side to ``crop_size``, then a centre crop."""
+def val_transform(crop_size: int, mode: str = "official_resize") -> v2.Compose:
+    """Evaluation preprocessing to ``crop_size`` x ``crop_size``.
+
+    ``mode``: "official_resize" resizes the whole image to the square, aspect ratio not kept (the
+    official ``image_size: [256, 256]`` is a two-element ``Resize``, after which its centre crop
+    does nothing); "resize_short_side_crop" resizes the shorter side, then crops the centre.
+    """
+    if mode not in VAL_TRANSFORMS:
+        raise ConfigError(
+            f"unknown validation transform {mode!r}: expected one of {', '.join(VAL_TRANSFORMS)}"
+        )
+    if mode == "official_resize":
+        return v2.Compose([v2.Resize((crop_size, crop_size), antialias=True)])
     return v2.Compose([v2.Resize(crop_size, antialias=True), v2.CenterCrop(crop_size)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets of a run
+# ----------------------------------------------------------------------------------------------
+
+
+def train_dataset(data) -> ImageFolder:
+    if not data.train:
+        raise IllmError("data.train is empty: give a folder of training images (data.train=/path/to/images)")
+    images = image_list(data.train, data.train_list, "data.train_list") if data.train_list else None
+    if data.exclude_official_invalid:
+        images = without_official_invalid(find_images(data.train) if images is None else images)
+    return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode), images=images)
+
+
+def val_dataset(data) -> ImageFolder | None:
+    if not data.val:
+        return None
+    images = image_list(data.val, data.val_list, "data.val_list") if data.val_list else None
+    dataset = ImageFolder(data.val, val_transform(data.val_crop_size, data.val_transform), images=images)
+    if data.val_max_images and len(dataset) > data.val_max_images:
+        dataset = torch.utils.data.Subset(dataset, range(data.val_max_images))
+    return dataset
+
+
+def image_list(root: str | os.PathLike, list_path: str | os.PathLike, key: str) -> list[str]:
+    """The images a list file names, as paths relative to ``root``, in the file's order.
+
+    One name per line, relative to ``root``; blank lines and lines starting with "#" are skipped.
+    A name without an image extension gets ".jpg", as the official OpenImages lists are read
+    (``neuralcompression/data/_openimages_v6.py``: the name's extension is dropped and ".jpg"
+    added). Every listed file must be among the images of ``root`` (its cached index).
+    """
+    list_path = Path(list_path).expanduser()
+    try:
+        lines = list_path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: list file {list_path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{key}: cannot read list file {list_path}: {one_line(error)}") from None
+    available = set(find_images(root))
+    images, seen = [], set()
+    for number, line in enumerate(lines, start=1):
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        if not name.lower().endswith(IMAGE_EXTENSIONS):
+            name += ".jpg"
+        name = os.path.normpath(name)
+        if name not in available:
+            raise ConfigError(f"{key}: {list_path} line {number}: no image {name} in {root}")
+        if name in seen:
+            raise ConfigError(f"{key}: {list_path} line {number}: {name} is listed twice")
+        seen.add(name)
+        images.append(name)
+    if not images:
+        raise ConfigError(f"{key}: list file {list_path} names no image")
+    return images
+
+
+def official_invalid_names() -> frozenset[str]:
+    """The 100 training images the official OpenImages V6 dataset skips (names without extension)."""
+    lines = (Path(__file__).parent / "resources" / OFFICIAL_INVALID_FILE).read_text().splitlines()
+    return frozenset(line for line in lines if line and not line.startswith("#"))
+
+
+def without_official_invalid(images: list[str]) -> list[str]:
+    """``images`` (paths) less those whose file name, extension dropped, is officially invalid."""
+    invalid = official_invalid_names()
+    return [path for path in images if os.path.splitext(os.path.basename(path))[0] not in invalid]
+
+
+def _base_dataset(dataset) -> ImageFolder:
+    return dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+
+
+def fixed_images(dataset, count: int, crop_size: int, mode: str = "official_resize") -> torch.Tensor | None:
+    """The first `count` readable images of a dataset under the validation transform (for grids)."""
+    if dataset is None or count == 0:
+        return None
+    base = _base_dataset(dataset)
+    first = [base.relative_path(i) for i in range(min(len(base), count * 2))]
+    plain = ImageFolder(base.root, val_transform(crop_size, mode), images=first)
+    images = [img for i in range(len(plain)) if (img := plain[i]) is not None][:count]
+    return torch.stack(images) if images else None
+
+
+def fixed_image_sets(cfg, train_set, val_set) -> dict[str, Tensor | None]:
+    """The fixed training and validation images every stage shows in its TensorBoard grids."""
+    count, size, mode = cfg.logging.num_images, cfg.data.val_crop_size, cfg.data.val_transform
+    return {
+        "train": fixed_images(train_set, count, size, mode),
+        "val": fixed_images(val_set, count, size, mode),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,8 +439,12 @@ def make_loader(
     num_workers: int = 0,
     seed: int = 0,
     drop_last: bool = False,
+    fill_shape: tuple[int, ...] | None = None,
 ) -> DataLoader:
     """A DataLoader of ``Batch``es over a dataset whose unreadable samples are ``None``.
+
+    Unreadable samples are dropped (``collate_skip_bad``), or, given the ``fill_shape`` of every
+    sample (validation), masked (``collate_masked``).
 
     Order and augmentation follow ``EpochSampler``: call ``set_epoch(epoch)`` on the loader
     Accelerate prepared (or on ``loader.sampler`` for a plain loader) before each epoch. Workers
@@ -328,49 +460,13 @@ def make_loader(
         batch_size=batch_size,
         sampler=EpochSampler(len(dataset), shuffle=shuffle, seed=seed),
         num_workers=num_workers,
-        collate_fn=collate_skip_bad,
+        collate_fn=collate_skip_bad if fill_shape is None else partial(collate_masked, shape=fill_shape),
         pin_memory=torch.cuda.is_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         worker_init_fn=_seed_worker if num_workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# A stage's datasets
-# ----------------------------------------------------------------------------------------------
-
-
-def train_dataset(data) -> ImageFolder:
-    if not data.train:
-        raise IllmError("data.train is empty: give a folder of training images (data.train=/path/to/images)")
-    return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode))
-
-
-def val_dataset(data) -> ImageFolder | None:
-    if not data.val:
-        return None
-    dataset = ImageFolder(data.val, val_transform(data.val_crop_size))
-    if data.val_max_images and len(dataset) > data.val_max_images:
-        dataset = torch.utils.data.Subset(dataset, range(data.val_max_images))
-    return dataset
-
-
-def fixed_images(dataset, count: int, crop_size: int) -> torch.Tensor | None:
-    """The first `count` readable images of a dataset under the validation transform (for grids)."""
-    if dataset is None or count == 0:
-        return None
-    root = dataset.dataset.root if isinstance(dataset, torch.utils.data.Subset) else dataset.root
-    plain = ImageFolder(root, val_transform(crop_size))
-    images = [img for i in range(min(len(plain), count * 2)) if (img := plain[i]) is not None][:count]
-    return torch.stack(images) if images else None
-
-
-def fixed_image_sets(cfg, train_set, val_set) -> dict[str, Tensor | None]:
-    """The fixed training and validation images every stage shows in its TensorBoard grids."""
-    count, size = cfg.logging.num_images, cfg.data.val_crop_size
-    return {"train": fixed_images(train_set, count, size), "val": fixed_images(val_set, count, size)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -449,7 +545,16 @@ class TrainingData:
         )
         self.stream = BatchStream(accelerator.prepare_data_loader(train_loader), accelerator)
         if self.val_set is not None:
-            val_loader = make_loader(self.val_set, data.val_batch_size, num_workers=data.num_workers)
+            val_loader = make_loader(
+                self.val_set,
+                data.val_batch_size,
+                num_workers=data.num_workers,
+                fill_shape=(
+                    3,
+                    data.val_crop_size,
+                    data.val_crop_size,
+                ),  # unreadable images masked, not dropped
+            )
             self.val_loader = accelerator.prepare_data_loader(val_loader)
         self._batches = None
 

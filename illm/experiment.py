@@ -21,6 +21,7 @@ from illm.optimizer import LR_SCHEDULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 CROP_MODES = ("random_crop", "random_resized_crop", "either")
+VAL_TRANSFORMS = ("official_resize", "resize_short_side_crop")
 LPIPS_NETS = ("alex", "vgg")
 BACKBONE_WEIGHTS = ("pretrained", "random")
 
@@ -49,6 +50,19 @@ class DataSection:
         "", "Folder of training images, searched recursively (JPEG, PNG, WebP, BMP, TIFF, PPM)."
     )
     val: str = doc_field("", "Folder of validation images; empty disables validation.")
+    train_list: str = doc_field(
+        "",
+        "Text file naming the training images, one per line, relative to `data.train` (a name without "
+        "extension gets `.jpg`, as in the official OpenImages lists); empty = every image of the folder.",
+    )
+    val_list: str = doc_field(
+        "", "Text file naming the validation images, relative to `data.val`; empty = the whole folder."
+    )
+    exclude_official_invalid: bool = doc_field(
+        False,
+        "Leave out of training the 100 OpenImages V6 images the official training skips as very large or "
+        "corrupt (matched by file name without extension).",
+    )
     crop_size: int = doc_field(256, "Training crop size in pixels (a multiple of 64).", multiple_of(64))
     crop_mode: str = doc_field(
         "either",
@@ -68,10 +82,33 @@ class DataSection:
     )
     num_workers: int = doc_field(4, "Data loader worker processes per training process.", non_negative)
     val_crop_size: int = doc_field(
-        256, "Validation images are resized and centre-cropped to this size.", multiple_of(64)
+        256, "Validation images are brought to this size by `val_transform`.", multiple_of(64)
+    )
+    val_transform: str = doc_field(
+        "official_resize",
+        "`official_resize`: the whole image resized to `val_crop_size` squared, aspect ratio not kept (as "
+        "the official validation); `resize_short_side_crop`: shorter side resized, then a centre crop.",
+        choices=VAL_TRANSFORMS,
     )
     val_batch_size: int = doc_field(4, "Validation images per process and batch.", positive)
-    val_max_images: int = doc_field(256, "Validate on at most this many images (0 = all).", non_negative)
+    val_max_images: int = doc_field(
+        0,
+        "Validate on the first this many images only (0 = the whole folder, as the official).",
+        non_negative,
+    )
+
+
+@dataclass
+class FIDSection:
+    enabled: bool = doc_field(
+        True, "Log `val/fid`: reconstructions against originals over the validation set, as the official."
+    )
+    backbone_weights: str = doc_field(
+        "pretrained",
+        "Inception-v3 weights of `val/fid`; `random` uses an untrained network (tests, offline runs): "
+        "the FID is then not comparable.",
+        choices=BACKBONE_WEIGHTS,
+    )
 
 
 @dataclass
@@ -222,6 +259,7 @@ class PretrainConfig:
     optim: OptimSection = doc_field(OptimSection(), "The autoencoder's AdamW and LR schedule.")
     distortion: DistortionSection = doc_field(DistortionSection(), "The distortion loss.")
     lpips: LPIPSSection = doc_field(LPIPSSection(), "The LPIPS network of losses and metrics.")
+    fid: FIDSection = doc_field(FIDSection(), "The Inception network of validation's FID.")
     rate: RateSection = doc_field(RateSection(), "HiFiC rate targeting.")
     quantiles: QuantileSection = doc_field(QuantileSection(), "The entropy bottleneck's quantile optimizer.")
     checkpoint: CheckpointSection = doc_field(
@@ -304,7 +342,9 @@ class VQVAEConfig:
     """Stage 0: the VQ-VAE whose codes label real image patches for the discriminator."""
 
     run: RunSection = doc_field(RunSection(dir="runs/vqvae"), "Run folder, seed and resume behaviour.")
-    data: DataSection = doc_field(DataSection(batch_size=16), "Image folders, crops and batches.")
+    data: DataSection = doc_field(
+        DataSection(batch_size=16, val_max_images=256), "Image folders, crops and batches."
+    )
     model: VQVAESection = doc_field(VQVAESection(), "The VQ-VAE's sizes and codebook.")
     train: TrainSection = doc_field(
         TrainSection(max_steps=300_000), "Length, clipping and numerics of training."
@@ -417,6 +457,7 @@ class FinetuneConfig:
     optim: GANOptimSection = doc_field(GANOptimSection(), "The generator's and discriminator's AdamW.")
     distortion: DistortionSection = doc_field(DistortionSection(), "The distortion loss.")
     lpips: LPIPSSection = doc_field(LPIPSSection(), "The LPIPS network of losses and metrics.")
+    fid: FIDSection = doc_field(FIDSection(), "The Inception network of validation's FID.")
     rate: RateSection = doc_field(RateSection(switch_step=0), "HiFiC rate targeting.")
     gan: GANLossSection = doc_field(GANLossSection(), "The adversarial loss.")
     quantiles: QuantileSection = doc_field(

@@ -30,7 +30,16 @@ class TensorBoardLogger:
             self.writer.add_scalar(name, value, step)
 
     def image_pairs(self, tag: str, originals: Tensor, reconstructions: Tensor, step: int) -> None:
-        """One grid per tag: each row an input next to its reconstruction."""
+        """One grid per tag: each row an input next to its reconstruction.
+
+        Both must be on one device, on every process (not only the one that writes): a grid of
+        CPU inputs and accelerator outputs would fail on the main process alone.
+        """
+        if originals.device != reconstructions.device:
+            raise ValueError(
+                f"image_pairs {tag!r}: originals on {originals.device}, reconstructions on "
+                f"{reconstructions.device}; move both to one device"
+            )
         if self.writer is None:
             return
         rows = torch.stack([originals, reconstructions], dim=1).flatten(0, 1)

@@ -346,6 +346,43 @@ def frechet_distance(real_features: Tensor, fake_features: Tensor) -> float:
     return fid_statistics_to_metric(real_stats, fake_stats, verbose=False)["frechet_inception_distance"]
 
 
+class FeatureMoments:
+    """Count, sum and sum of outer products (float64, on the features' device) of feature vectors:
+    all a Frechet distance needs, in memory that does not grow with the number of images (the
+    statistics torchmetrics' `FrechetInceptionDistance` accumulates)."""
+
+    def __init__(self):
+        self.count = 0
+        self.sum: Tensor | None = None
+        self.outer_sum: Tensor | None = None
+
+    def add(self, features: Tensor) -> None:
+        """Add N x D features."""
+        features = features.detach().double()
+        if self.sum is None:
+            dim = features.shape[1]
+            self.sum = features.new_zeros(dim)
+            self.outer_sum = features.new_zeros(dim, dim)
+        self.count += features.shape[0]
+        self.sum += features.sum(0)
+        self.outer_sum += features.T @ features
+
+    def statistics(self) -> dict:
+        """Mean and unbiased covariance (as `numpy.cov`), as torch-fidelity's statistics dict."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")
+        mean = self.sum / self.count
+        covariance = (self.outer_sum - self.count * torch.outer(mean, mean)) / (self.count - 1)
+        return {"mu": mean.cpu().numpy(), "sigma": covariance.cpu().numpy()}
+
+
+def frechet_distance_of_moments(real: FeatureMoments, fake: FeatureMoments) -> float:
+    """`frechet_distance` from accumulated moments instead of the features themselves."""
+    return fid_statistics_to_metric(real.statistics(), fake.statistics(), verbose=False)[
+        "frechet_inception_distance"
+    ]
+
+
 def kernel_distance(real_features: Tensor, fake_features: Tensor) -> float:
     """Mean KID (torch-fidelity: cubic polynomial kernel, 100 subsets, fixed seed).
 

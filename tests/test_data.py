@@ -298,10 +298,11 @@ def test_train_transform_rejects_unknown_mode():
 def test_val_transform_resizes_the_shorter_side_and_centre_crops():
     left_dark = torch.zeros(3, 64, 128, dtype=torch.uint8)
     left_dark[..., 64:] = 255
-    out = val_transform(32)(left_dark)  # resized to 32x64, then columns 16..47 kept
+    transform = val_transform(32, "resize_short_side_crop")
+    out = transform(left_dark)  # resized to 32x64, then columns 16..47 kept
     assert out.shape == (3, 32, 32)
     assert out[..., :14].max() == 0 and out[..., 18:].min() == 255
-    assert val_transform(32)(torch.zeros(3, 10, 7, dtype=torch.uint8)).shape == (3, 32, 32)
+    assert transform(torch.zeros(3, 10, 7, dtype=torch.uint8)).shape == (3, 32, 32)
 
 
 # --- ordering and resumption --------------------------------------------------------------

@@ -220,15 +220,16 @@ def test_two_processes_share_hits_and_reseed_identically(tmp_path, folders):
     assert (
         int(at_step_2["codebook_keeper"]["num_seen"]) == 2 * 2 * 2
     )  # batch_size vectors per process and step
-    # Validation counted each of the 3 images once (not Accelerate's repeat): the logged mean
-    # PSNR is the mean over the three, recomputed here in one process from the final weights.
+    # Validation counted each of the 3 images once (not Accelerate's repeat): the logged pooled
+    # and per-image PSNRs are those of the three, recomputed here in one process from the final weights.
     final = read_checkpoint(tmp_path / "run" / "checkpoints" / "step_00000003.pt")
     cfg = tiny(tmp_path / "unused", folders, *FAST, f"data.val={tmp_path / 'val3'}")
     vqvae = build_vqvae(cfg.model)
     vqvae.load_state_dict(final["models"]["vqvae"])
     images = torch.stack([image for image in val_dataset(cfg.data)])
     with torch.no_grad():
-        expected = (
-            metrics.psnr(vqvae.eval()(images).images.float().clamp(0, 1), images).double().mean().item()
-        )
-    assert final["metrics"]["val/psnr"] == pytest.approx(expected, rel=1e-5)
+        mse = metrics.mse_255(vqvae.eval()(images).images.float().clamp(0, 1), images)
+    assert final["metrics"]["val/psnr_per_image_mean"] == pytest.approx(
+        metrics.psnr_of_mse(mse).double().mean().item(), rel=1e-5
+    )
+    assert final["metrics"]["val/psnr"] == pytest.approx(metrics.psnr_of_mse(mse.mean()).item(), rel=1e-5)

@@ -52,7 +52,7 @@ from illm.optimizer import adamw, clip_gradients, quantile_step
 from illm.run import finish_run, resume, start_run
 from illm.sweep import run_with_sweeps
 from illm.training import IterationResult, parse_args, run_main
-from illm.validation import validate_autoencoder
+from illm.validation import Adversarial, build_fid, validate_autoencoder
 
 USAGE = (
     "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n"
@@ -320,11 +320,14 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     `{"autoencoder": ..., "discriminator": ...}`."""
     data = TrainingData(cfg)  # bad folders and weights are refused before any process starts
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or data.val_set is not None)
+    fid = build_fid(cfg.fid, needed=data.val_set is not None)
     labeller = load_labeller(cfg.init.labeller) if cfg.discriminator.target == "vq" else None
     run = start_run(cfg, "finetune")
     data.prepare(run.accelerator)
     distortion, lpips = autoencoder_losses(cfg.distortion, lpips, run.accelerator.device)
+    fid = fid.to(run.accelerator.device) if fid is not None else None
     parts = build_finetune(cfg, run, labeller, distortion)
+    adversarial = Adversarial(parts.discriminator, parts.targets, cfg.gan.generator_weight)
     optimizers = {"generator": parts.optimizer, "discriminator": parts.disc_optimizer}
     if parts.aux_optimizer is not None:
         optimizers["aux"] = parts.aux_optimizer
@@ -349,7 +352,16 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
             val_metrics = validate_autoencoder(
-                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed
+                run,
+                parts.model,
+                data.val_loader,
+                distortion,
+                lpips,
+                cfg.rate,
+                step,
+                data.fixed,
+                fid,
+                adversarial,
             )
         if run.checkpoints.due(step):
             run.checkpoints.save(step, state, val_metrics)

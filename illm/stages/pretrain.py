@@ -27,7 +27,7 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
 from illm.run import finish_run, resume, start_run
 from illm.training import IterationResult, parse_args, run_main
-from illm.validation import validate_autoencoder
+from illm.validation import build_fid, validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
 
@@ -124,9 +124,11 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     """Run (or resume) stage 1 as `cfg` says; returns the trained autoencoder (unwrapped)."""
     data = TrainingData(cfg)  # bad folders are refused before any process starts
     lpips = build_lpips(cfg.lpips, needed=cfg.distortion.kind == "mse_lpips" or data.val_set is not None)
+    fid = build_fid(cfg.fid, needed=data.val_set is not None)
     run = start_run(cfg, "pretrain")
     data.prepare(run.accelerator)
     distortion, lpips = autoencoder_losses(cfg.distortion, lpips, run.accelerator.device)
+    fid = fid.to(run.accelerator.device) if fid is not None else None
     parts = build_parts(cfg, run.accelerator, build_autoencoder(cfg.model), distortion)
     state = TrainingState(
         models={"autoencoder": parts.model},
@@ -149,7 +151,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
             val_metrics = validate_autoencoder(
-                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed
+                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed, fid=fid
             )
         if run.checkpoints.due(step):
             run.checkpoints.save(step, state, val_metrics)

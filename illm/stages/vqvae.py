@@ -31,7 +31,7 @@ from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, clip_gradients, lr_schedule
 from illm.run import finish_run, resume, start_run
 from illm.training import IterationResult, parse_args, run_main
-from illm.validation import SampleMeans, evaluating, image_quality, validation_images
+from illm.validation import SampleMeans, evaluating, image_quality, pooled_quality, validation_images
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
 
@@ -161,7 +161,7 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
     averages = SampleMeans(accelerator)
     code_counts = torch.zeros(vqvae.num_codes, dtype=torch.long)
     with evaluating(vqvae):
-        for images in validation_images(val_loader):
+        for images, valid in validation_images(val_loader):
             with accelerator.autocast():
                 out = vqvae(images)
             pixel_error = pixel_loss(out.images.float(), images, reduction="none").flatten(1).mean(1)
@@ -169,10 +169,9 @@ def validate_vqvae(run, model, val_loader, lpips, loss_cfg) -> dict[str, float]:
                 **image_quality(out.images.float().clamp(0, 1), images, lpips),
                 f"val/{loss_cfg.reconstruction}": pixel_error,
             }
-            for name, values in per_image.items():
-                averages.add(name, values)
-            code_counts += vqvae.code_counts(averages.gather(out.indices)).cpu()
-    results = averages.means()
+            averages.add(per_image, valid)
+            code_counts += vqvae.code_counts(averages.gather_valid(out.indices, valid)).cpu()
+    results = pooled_quality(averages.means())
     if not results:
         return {}
     # codebook_usage reads indices: rebuild an index multiset with the summed counts.
