@@ -23,10 +23,13 @@ from PIL import Image
 
 from illm import cli, codec, evaluate, images, zoo
 from illm.config import load_config
+from illm.entry import run_main
 from illm.errors import IllmError
 from illm.experiment import FinetuneConfig, PretrainConfig, VQVAEConfig
 from illm.export import export
 from illm.stages import finetune, pretrain, vqvae
+
+PROGRAM = "illm.demo"
 
 CONFIGS = Path(__file__).resolve().parent / "configs" / "tiny"  # package data: works installed too
 MARKER = ".illm-demo"
@@ -97,7 +100,12 @@ def side_by_side(path: Path, original: torch.Tensor, *reconstructions: torch.Ten
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m illm.demo", description=__doc__.split("\n\n")[0])
+    """Command line entry point; returns the exit status."""
+    return run_main(PROGRAM, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--output",
         type=Path,
@@ -108,11 +116,7 @@ def main(argv=None) -> int:
         "--quick", action="store_true", help="a few steps per stage: checks the wiring, learns nothing"
     )
     args = parser.parse_args(argv)
-    try:
-        return run(args.output, STEPS["quick" if args.quick else "full"])
-    except IllmError as error:
-        print(f"demo: error: {error}", file=sys.stderr)
-        return 1
+    return run(args.output, STEPS["quick" if args.quick else "full"])
 
 
 def run(output: Path, steps: dict[str, int]) -> int:

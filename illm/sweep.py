@@ -30,8 +30,8 @@ import torch
 import torch.distributed
 
 from illm.config import load_config, parse_override
+from illm.entry import parse_args
 from illm.errors import ConfigError, IllmError
-from illm.training import parse_args
 
 SWEEP_FLAG = "--sweep"
 INDEX_FLAG = "--sweep-index"
@@ -156,7 +156,7 @@ def run_with_sweeps(
             raise ConfigError(f"{INDEX_FLAG} needs at least one {SWEEP_FLAG}")
         main(argv)
         return
-    config_path, overrides = parse_args(argv, usage)
+    config_path, overrides = parse_args(argv, usage, config_cls)
     base_dir = Path(load_config(config_cls, config_path, overrides).run.dir)
     points = experiments(sweeps)
     if index is not None:
@@ -198,10 +198,10 @@ def run_with_sweeps(
         raise IllmError(f"{failed} of {len(results)} sweep experiments failed (see the summary above)")
 
 
-# The child: `python -c CHILD MODULE FUNCTION ARGS...` runs MODULE.FUNCTION(ARGS) as a stage script.
+# The child: `python -c CHILD PROGRAM MODULE FUNCTION ARGS...` runs MODULE.FUNCTION(ARGS) as PROGRAM.
 _CHILD = (
-    "import importlib, sys; from illm.training import run_main; "
-    "run_main(getattr(importlib.import_module(sys.argv[1]), sys.argv[2]), sys.argv[3:])"
+    "import importlib, sys; from illm.entry import run_main; "
+    "sys.exit(run_main(sys.argv[1], getattr(importlib.import_module(sys.argv[2]), sys.argv[3]), sys.argv[4:]))"
 )
 
 
@@ -218,7 +218,8 @@ def in_own_process(main: Callable[[list[str]], None]) -> Callable[[list[str]], N
         env = dict(os.environ)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             env.update(MASTER_PORT=str(_agree_on_a_free_port()), TORCHELASTIC_USE_AGENT_STORE="False")
-        command = [sys.executable, "-c", _CHILD, main.__module__, main.__name__, *argv]
+        program = Path(sys.argv[0]).name or "sweep"
+        command = [sys.executable, "-c", _CHILD, program, main.__module__, main.__name__, *argv]
         returncode = subprocess.run(command, env=env).returncode
         if returncode != 0:
             raise IllmError(f"exit code {returncode}")

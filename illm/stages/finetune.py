@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from illm import zoo
 from illm.config import load_config
+from illm.entry import exit_on_failure, parse_args, run_main
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.losses import (
@@ -56,9 +57,7 @@ from illm.training import (
     ignore_in_ddp,
     loaders,
     micro_batches,
-    parse_args,
     quantile_step,
-    run_main,
     start_run,
     sync_context,
     train_dataset,
@@ -319,7 +318,7 @@ def finetune_iteration(parts: FinetuneParts, batches: list[Tensor], step: int) -
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, FinetuneConfig)
     train(load_config(FinetuneConfig, config_path, overrides))
 
 
@@ -395,4 +394,6 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
 
 def cli(argv=None) -> None:
     """`scripts/finetune_gan.py`: one run, or one per value of each `--sweep`."""
-    run_main(lambda args: run_with_sweeps(main, FinetuneConfig, args, USAGE), argv)
+    exit_on_failure(
+        run_main("finetune_gan.py", lambda args: run_with_sweeps(main, FinetuneConfig, args, USAGE), argv)
+    )

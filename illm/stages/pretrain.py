@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
+from illm.entry import exit_on_failure, parse_args, run_main
 from illm.experiment import PretrainConfig
 from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
@@ -31,9 +32,7 @@ from illm.training import (
     ignore_in_ddp,
     loaders,
     micro_batches,
-    parse_args,
     quantile_step,
-    run_main,
     start_run,
     sync_context,
     train_dataset,
@@ -126,7 +125,7 @@ def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, PretrainConfig)
     train(load_config(PretrainConfig, config_path, overrides))
 
 
@@ -181,4 +180,4 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
 
 
 def cli(argv=None) -> None:
-    run_main(main, argv)
+    exit_on_failure(run_main("pretrain.py", main, argv))

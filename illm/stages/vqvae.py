@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
+from illm.entry import exit_on_failure, parse_args, run_main
 from illm.experiment import VQVAEConfig
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
@@ -36,8 +37,6 @@ from illm.training import (
     fixed_image_sets,
     loaders,
     micro_batches,
-    parse_args,
-    run_main,
     start_run,
     sync_context,
     train_dataset,
@@ -271,7 +270,7 @@ def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> Iter
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, VQVAEConfig)
     train(load_config(VQVAEConfig, config_path, overrides))
 
 
@@ -342,4 +341,4 @@ def train(cfg: VQVAEConfig) -> VQVAE:
 
 
 def cli(argv=None) -> None:
-    run_main(main, argv)
+    exit_on_failure(run_main("train_vqvae.py", main, argv))
