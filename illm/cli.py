@@ -4,6 +4,7 @@
     illm decompress --weights W INPUT.illm... [-o OUT] [--device cpu|cuda] [--precision fp32|bf16] [--force]
     illm info FILE.illm...
     illm list
+    illm data check DIR [--decode]
     illm --version
 
 ``W`` is an official weights name, a state-dict file, a training checkpoint or a run folder
@@ -121,6 +122,31 @@ def _parser() -> argparse.ArgumentParser:
     info.set_defaults(command=_info)
     listing = commands.add_parser("list", help="the official weights: names, target bitrates, licence")
     listing.set_defaults(command=_list)
+    data = commands.add_parser("data", help="check a training or evaluation image folder")
+    data_commands = data.add_subparsers(required=True, metavar="ACTION")
+    check = data_commands.add_parser(
+        "check",
+        help="index a folder as training does; report image count, unreadable files, sizes, times",
+        description="Index DIR as data.train / data.val will (the same cached index) and open every "
+        "image, reporting the count, unreadable files, sizes and the index time.",
+    )
+    check.add_argument("folder", type=Path, metavar="DIR")
+    check.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every image fully, as the training loader does (slower; also finds truncated pixel data)",
+    )
+    check.add_argument(
+        "--crop-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="count images smaller than this (default: 256)",
+    )
+    check.add_argument(
+        "--workers", type=int, default=8, metavar="N", help="threads reading files (default: 8)"
+    )
+    check.set_defaults(command=_data_check)
     return parser
 
 
@@ -194,6 +220,13 @@ def _list(args: argparse.Namespace) -> None:
     for row in rows:
         print(f"{row.name:<{width}}  {row.family:<18}  {row.target_bpp or '-':>10}  {row.license}")
     print("\nThe weights download on first use (e.g. illm compress --weights msillm_quality_3 photo.png).")
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from illm import datacheck
+
+    report = datacheck.check_folder(args.folder, decode=args.decode, workers=args.workers)
+    print(datacheck.format_report(report, args.crop_size))
 
 
 def _plan_outputs(inputs: list[Path], output: str | None, suffix: str, force: bool) -> list[Path]:
