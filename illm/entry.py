@@ -94,6 +94,10 @@ def help_text(usage: str, config_cls) -> str:
         "options:",
         "  -h, --help        show this help and exit",
         f"  {PRINT_CONFIG_FLAG}    print the resolved config (file and overrides) as TOML and exit",
+        "  --sweep section.key=v1,v2,...",
+        "                    one experiment per value, each in run.dir/<key>=<value> (repeatable:",
+        "                    the cross product); see illm/sweep.py",
+        "  --sweep-index N   run only experiment N of the sweep (one SLURM array task each)",
         "",
         f"Every key, its default and meaning: {CONFIG_REFERENCE}.",
     ]

@@ -1,4 +1,5 @@
 """Sweeps: one experiment per value of a config key, or per combination of several keys' values.
+Every stage script takes them (train_vqvae.py, pretrain.py, finetune_gan.py), with one syntax:
 
     accelerate launch scripts/finetune_gan.py configs/finetune_0.14bpp.toml data.train=DIR \\
         --sweep gan.generator_weight=0.004,0.008,0.016 [--sweep distortion.lam=1,2] [--sweep-index N]
@@ -30,11 +31,12 @@ import torch
 import torch.distributed
 
 from illm.config import load_config, parse_override
-from illm.entry import parse_args
+from illm.entry import exit_on_failure, parse_args, run_main
 from illm.errors import ConfigError, IllmError
 
 SWEEP_FLAG = "--sweep"
 INDEX_FLAG = "--sweep-index"
+USAGE_LINE = f"       [{SWEEP_FLAG} section.key=v1,v2,... ...] [{INDEX_FLAG} N]"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -135,6 +137,11 @@ def split_sweep_args(argv: list[str]) -> tuple[list[str], list[Sweep], int | Non
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def stage_cli(program: str, main: Callable[[list[str]], None], config_cls, usage: str, argv=None) -> None:
+    """A stage script's entry point: one run, or one per `--sweep` experiment; exits on failure."""
+    exit_on_failure(run_main(program, lambda args: run_with_sweeps(main, config_cls, args, usage), argv))
 
 
 def run_with_sweeps(

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from illm import zoo
 from illm.config import load_config
-from illm.entry import exit_on_failure, parse_args, run_main
+from illm.entry import parse_args
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.losses import (
@@ -45,7 +45,7 @@ from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw
-from illm.sweep import run_with_sweeps
+from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import (
     BatchStream,
     Housekeeping,
@@ -65,10 +65,7 @@ from illm.training import (
 )
 from illm.validation import validate_autoencoder
 
-USAGE = (
-    "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n"
-    "       [--sweep section.key=v1,v2,... ...] [--sweep-index N]"
-)
+USAGE = "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -394,6 +391,4 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
 
 def cli(argv=None) -> None:
     """`scripts/finetune_gan.py`: one run, or one per value of each `--sweep`."""
-    exit_on_failure(
-        run_main("finetune_gan.py", lambda args: run_with_sweeps(main, FinetuneConfig, args, USAGE), argv)
-    )
+    stage_cli("finetune_gan.py", main, FinetuneConfig, USAGE, argv)

@@ -16,11 +16,12 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
-from illm.entry import exit_on_failure, parse_args, run_main
+from illm.entry import parse_args
 from illm.experiment import PretrainConfig
 from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, lr_schedule
+from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import (
     BatchStream,
     Housekeeping,
@@ -40,7 +41,7 @@ from illm.training import (
 )
 from illm.validation import validate_autoencoder
 
-USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
+USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 
 def build_autoencoder(model_cfg) -> HiFiCAutoencoder:
@@ -180,4 +181,5 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
 
 
 def cli(argv=None) -> None:
-    exit_on_failure(run_main("pretrain.py", main, argv))
+    """`scripts/pretrain.py`: one run, or one per value of each `--sweep`."""
+    stage_cli("pretrain.py", main, PretrainConfig, USAGE, argv)

@@ -21,11 +21,12 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from illm.config import load_config
-from illm.entry import exit_on_failure, parse_args, run_main
+from illm.entry import parse_args
 from illm.experiment import VQVAEConfig
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, lr_schedule
+from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import (
     BatchStream,
     Housekeeping,
@@ -44,7 +45,7 @@ from illm.training import (
 )
 from illm.validation import SampleMeans, image_quality, validation_images
 
-USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
+USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 # The recent-latent buffer holds this many vectors per code, so that even a fully dead codebook
 # can be re-seeded from distinct vectors.
@@ -341,4 +342,5 @@ def train(cfg: VQVAEConfig) -> VQVAE:
 
 
 def cli(argv=None) -> None:
-    exit_on_failure(run_main("train_vqvae.py", main, argv))
+    """`scripts/train_vqvae.py`: one run, or one per value of each `--sweep`."""
+    stage_cli("train_vqvae.py", main, VQVAEConfig, USAGE, argv)
