@@ -1,11 +1,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# torch/torchvision are pinned to the builds that lie on the local disk of the project machines;
-# installing them first stops pip from resolving (and downloading) another multi-GB torch build.
+# torch/torchvision are pinned and installed first, so that pip does not resolve (and download)
+# another multi-GB torch build.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test test-fast lint demo clean
+.PHONY: setup test test-fast lint demo demo-official clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,5 +30,9 @@ lint: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m illm.demo
 
+# The official MS-ILLM and No-GAN weights beside JPEG on the held-out photos (downloads them once).
+demo-official: $(VENV)/.installed
+	$(PY) -m illm.demo --official --output demo_official
+
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output demo_official .pytest_cache

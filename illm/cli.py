@@ -3,12 +3,20 @@
     illm compress   --weights W INPUT...      [-o OUT] [--device cpu|cuda] [--precision fp32|bf16] [--force]
     illm decompress --weights W INPUT.illm... [-o OUT] [--device cpu|cuda] [--precision fp32|bf16] [--force]
     illm info FILE.illm...
+    illm list
+    illm data check DIR [--decode]
+    illm --version
 
 ``W`` is an official weights name, a state-dict file, a training checkpoint or a run folder
 (see `illm.zoo.load`). ``OUT`` is a file for one input and a folder (created if needed) for
 several; without it each output is written beside its input (``<stem>.illm``, ``<stem>.png``).
-User errors print one line ``illm: error: ...`` and exit with status 1.
+User errors print one line ``illm: error: ...`` and exit with status 1 (`illm.entry.run_main`).
+
+``--help``, ``--version``, ``list`` and ``info`` answer without importing torch: the commands
+that run networks import it (and the codec) when they start.
 """
+
+from __future__ import annotations
 
 import argparse
 import os
@@ -18,37 +26,42 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
-
-from illm import codec, images, tiling
+from illm import __version__, fileformat, tiling
+from illm.entry import run_main
 from illm.errors import IllmError
 from illm.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
+
+PROGRAM = "illm"
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line with ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
+    return run_main(PROGRAM, _run, argv)
+
+
+def _run(argv: list[str]) -> None:
     args = _parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices are not for users
         warnings.showwarning = _show_warning
         try:
             args.command(args)
-        except IllmError as error:
-            return _fail(str(error))
-        except OSError as error:
-            return _fail(f"{error.filename}: {error.strerror}" if error.filename else str(error))
-        except torch.cuda.OutOfMemoryError:
-            return _fail(f"out of memory on {args.device}; try a smaller image or another --device")
-        except KeyboardInterrupt:
-            print("illm: interrupted", file=sys.stderr)
-            return 130
-    return 0
+        except Exception as error:
+            if type(error).__name__ != "OutOfMemoryError":  # torch.cuda's; torch may not be imported
+                raise
+            raise IllmError(
+                f"out of memory on {args.device}; try a smaller image or another --device"
+            ) from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="illm", description="MS-ILLM neural image compression.")
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="MS-ILLM neural image compression.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     def coding_command(name: str, run, help_text: str, input_help: str) -> None:
@@ -70,7 +83,6 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--device",
             choices=("cpu", "cuda"),
-            default="cuda" if torch.cuda.is_available() else "cpu",
             help="where the networks run (default: cuda when available)",
         )
         command.add_argument(
@@ -100,19 +112,48 @@ def _parser() -> argparse.ArgumentParser:
     decompress.add_argument(
         "--max-pixels",
         type=int,
-        default=codec.DEFAULT_MAX_PIXELS,
+        default=fileformat.DEFAULT_MAX_PIXELS,
         metavar="N",
         help="refuse files whose header claims more pixels than this, before any work "
-        f"(default: {codec.DEFAULT_MAX_PIXELS}, i.e. 8192 x 8192)",
+        f"(default: {fileformat.DEFAULT_MAX_PIXELS}, i.e. 8192 x 8192)",
     )
     info = commands.add_parser("info", help="show the header of .illm files (no weights needed)")
     info.add_argument("files", nargs="+", type=Path, metavar="FILE")
     info.set_defaults(command=_info)
+    listing = commands.add_parser("list", help="the official weights: names, target bitrates, licence")
+    listing.set_defaults(command=_list)
+    data = commands.add_parser("data", help="check a training or evaluation image folder")
+    data_commands = data.add_subparsers(required=True, metavar="ACTION")
+    check = data_commands.add_parser(
+        "check",
+        help="index a folder as training does; report image count, unreadable files, sizes, times",
+        description="Index DIR as data.train / data.val will (the same cached index) and open every "
+        "image, reporting the count, unreadable files, sizes and the index time.",
+    )
+    check.add_argument("folder", type=Path, metavar="DIR")
+    check.add_argument(
+        "--decode",
+        action="store_true",
+        help="decode every image fully, as the training loader does (slower; also finds truncated pixel data)",
+    )
+    check.add_argument(
+        "--crop-size",
+        type=int,
+        default=256,
+        metavar="N",
+        help="count images smaller than this (default: 256)",
+    )
+    check.add_argument(
+        "--workers", type=int, default=8, metavar="N", help="threads reading files (default: 8)"
+    )
+    check.set_defaults(command=_data_check)
     return parser
 
 
 def _compress(args: argparse.Namespace) -> None:
-    _check_device(args.device)
+    from illm import codec, images
+
+    _check_device(args)
     targets = _plan_outputs(args.inputs, args.output, ".illm", args.force)
     tiling.resolve_tile(args.tile, 1, 1)
     model, model_id, load_seconds = _load_autoencoder(args.weights, args.device, args.precision)
@@ -129,7 +170,9 @@ def _compress(args: argparse.Namespace) -> None:
 
 
 def _decompress(args: argparse.Namespace) -> None:
-    _check_device(args.device)
+    from illm import codec, images
+
+    _check_device(args)
     targets = _plan_outputs(args.inputs, args.output, ".png", args.force)
     tiling.resolve_tile(args.tile, 1, 1)
     for source in args.inputs:  # a forged or huge header fails here, before the weights load
@@ -155,7 +198,7 @@ def _decompress(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     for path in args.files:
         with _naming(path):
-            header = codec.read_header(path.read_bytes())
+            header = fileformat.read_header(path.read_bytes())
         print(
             f"{path}\n"
             f"  format version  {header.version}\n"
@@ -166,6 +209,24 @@ def _info(args: argparse.Namespace) -> None:
             f"  payload         {header.payload_size:,} bytes (latent and hyper strings)\n"
             f"  checksum        crc32 {header.crc:08x} ok"
         )
+
+
+def _list(args: argparse.Namespace) -> None:
+    from illm.official import official_models
+
+    rows = official_models()
+    width = max(len(row.name) for row in rows)
+    print(f"{'name':<{width}}  {'family':<18}  {'target bpp':>10}  licence")
+    for row in rows:
+        print(f"{row.name:<{width}}  {row.family:<18}  {row.target_bpp or '-':>10}  {row.license}")
+    print("\nThe weights download on first use (e.g. illm compress --weights msillm_quality_3 photo.png).")
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from illm import datacheck
+
+    report = datacheck.check_folder(args.folder, decode=args.decode, workers=args.workers)
+    print(datacheck.format_report(report, args.crop_size))
 
 
 def _plan_outputs(inputs: list[Path], output: str | None, suffix: str, force: bool) -> list[Path]:
@@ -199,8 +260,13 @@ def _plan_outputs(inputs: list[Path], output: str | None, suffix: str, force: bo
     return targets
 
 
-def _check_device(device: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
+def _check_device(args: argparse.Namespace) -> None:
+    """Settle ``args.device`` (default: cuda when available); refuse cuda where there is none."""
+    import torch
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
         raise IllmError(
             "--device cuda: CUDA is not available here (no GPU, or a CPU-only PyTorch); use --device cpu"
         )
@@ -208,7 +274,7 @@ def _check_device(device: str) -> None:
 
 def _load_autoencoder(weights: str, device: str, precision: str) -> tuple[torch.nn.Module, bytes, float]:
     """The autoencoder, its weights id (cached per weights file), and the seconds both took."""
-    from illm import zoo  # imports the networks and compressai: only for the commands that need them
+    from illm import zoo
 
     start = time.perf_counter()
     model, model_id = zoo.load_for_coding(weights, device, precision)
@@ -216,6 +282,8 @@ def _load_autoencoder(weights: str, device: str, precision: str) -> tuple[torch.
 
 
 def _progress(sources: list[Path], targets: list[Path], description: str) -> Iterable[tuple[Path, Path]]:
+    from tqdm import tqdm
+
     pairs = list(zip(sources, targets))
     # disable=None hides the bar when stderr is not a terminal
     return tqdm(
@@ -242,9 +310,4 @@ def _summary(
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"illm: warning: {message}", file=sys.stderr)
-
-
-def _fail(message: str) -> int:
-    print(f"illm: error: {' '.join(message.split())}", file=sys.stderr)
-    return 1
+    print(f"{PROGRAM}: warning: {message}", file=sys.stderr)

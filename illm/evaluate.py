@@ -41,6 +41,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from illm import backends, codec, images, zoo
+from illm.entry import run_main
 from illm.errors import IllmError
 from illm.files import atomic_write_bytes
 from illm.metrics import ALL_METRICS, DEFAULT_METRICS, DISTRIBUTION_METRICS, ImageMetrics
@@ -217,37 +218,36 @@ def model_name(source: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point; returns the exit status (1 with a one-line error on bad input)."""
+    return run_main("evaluate.py", _main, argv)
+
+
+def _main(argv: list[str]) -> None:
     args = parse_args(argv)
-    try:
-        datasets = parse_datasets(args.data)
-        settings = Settings(
-            output=args.output,
-            device=parse_device(args.device),
-            metrics=parse_metrics(args.metrics, args.fid_swav),
-            precision=args.precision,
-            random_backbones=args.random_backbones,
-            save_bitstreams=args.save_bitstreams,
-            save_reconstructions=args.save_reconstructions,
+    datasets = parse_datasets(args.data)
+    settings = Settings(
+        output=args.output,
+        device=parse_device(args.device),
+        metrics=parse_metrics(args.metrics, args.fid_swav),
+        precision=args.precision,
+        random_backbones=args.random_backbones,
+        save_bitstreams=args.save_bitstreams,
+        save_reconstructions=args.save_reconstructions,
+    )
+    names = [model_name(source) for source in args.weights]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise IllmError(
+            f"--weights: several sources are named {', '.join(duplicates)}; rename one of the files"
         )
-        names = [model_name(source) for source in args.weights]
-        duplicates = sorted({name for name in names if names.count(name) > 1})
-        if duplicates:
-            raise IllmError(
-                f"--weights: several sources are named {', '.join(duplicates)}; rename one of the files"
-            )
-        if settings.random_backbones:
-            print(
-                "warning: --random-backbones: learned metrics use random networks; their values are NOT "
-                "comparable",
-                file=sys.stderr,
-            )
-        report = evaluate(dict(zip(names, args.weights)), datasets, settings)
-    except IllmError as error:
-        print(f"evaluate: error: {error}", file=sys.stderr)
-        return 1
+    if settings.random_backbones:
+        print(
+            "evaluate.py: warning: --random-backbones: learned metrics use random networks; their values are NOT "
+            "comparable",
+            file=sys.stderr,
+        )
+    report = evaluate(dict(zip(names, args.weights)), datasets, settings)
     print(format_table(report.results))
     print(f"wrote {settings.output / 'results.csv'}, {settings.output / 'per_image.csv'} and the plots")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------

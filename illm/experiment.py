@@ -31,6 +31,8 @@ BACKBONE_WEIGHTS = ("pretrained", "random")
 
 @dataclass
 class RunSection:
+    """Where the run lives, its seed, and resuming or restarting it."""
+
     dir: str = doc_field("runs/pretrain", "Run folder: checkpoints, TensorBoard events, resolved config.")
     seed: int = doc_field(18, "Seed of every random number generator (offset by process index).")
     resume: bool = doc_field(
@@ -46,6 +48,8 @@ class RunSection:
 
 @dataclass
 class DataSection:
+    """The training and validation images: folders, crops, batch sizes, loader workers."""
+
     train: str = doc_field(
         "", "Folder of training images, searched recursively (JPEG, PNG, WebP, BMP, TIFF, PPM)."
     )
@@ -113,6 +117,8 @@ class FIDSection:
 
 @dataclass
 class CheckpointSection:
+    """How often checkpoints are saved, how many are kept, and which is best.pt."""
+
     every: int = doc_field(10000, "Save a checkpoint every this many steps (and at the end).", positive)
     keep_last: int = doc_field(3, "How many of the most recent checkpoints to keep.", positive)
     best_metric: str = doc_field(
@@ -125,6 +131,8 @@ class CheckpointSection:
 
 @dataclass
 class LoggingSection:
+    """TensorBoard scalars and images, and how often validation runs."""
+
     every: int = doc_field(100, "Write training scalars to TensorBoard every this many steps.", positive)
     val_every: int = doc_field(10000, "Validate (metrics and image grids) every this many steps.", positive)
     num_images: int = doc_field(
@@ -134,6 +142,8 @@ class LoggingSection:
 
 @dataclass
 class LPIPSSection:
+    """The LPIPS network used in the loss and in validation."""
+
     net: str = doc_field("alex", "LPIPS backbone.", choices=LPIPS_NETS)
     backbone_weights: str = doc_field(
         "pretrained",
@@ -148,6 +158,8 @@ class LPIPSSection:
 
 @dataclass
 class AutoencoderSection:
+    """The HiFiC autoencoder's architecture."""
+
     latent_channels: int = doc_field(220, "Channels of the latent y (official: 220).", positive)
     hyper_channels: int = doc_field(320, "Channels of the hyper-latent z (official: 320).", positive)
     encoder_channels: list[int] = doc_field(
@@ -160,6 +172,8 @@ class AutoencoderSection:
 
 @dataclass
 class TrainSection:
+    """Iterations, gradient clipping, mixed precision and speed switches."""
+
     max_steps: int = doc_field(
         1_000_000, "Training iterations (one optimizer step of the model each).", positive
     )
@@ -192,6 +206,8 @@ class TrainSection:
 
 @dataclass
 class OptimSection:
+    """The optimizers and learning-rate schedule of the autoencoder and its quantiles."""
+
     lr: float = doc_field(3e-4, "AdamW learning rate of the autoencoder.", positive)
     weight_decay: float = doc_field(5e-5, "AdamW weight decay of the autoencoder.", non_negative)
     betas: list[float] = doc_field([0.9, 0.999], "AdamW betas of the autoencoder.")
@@ -213,6 +229,8 @@ class OptimSection:
 
 @dataclass
 class DistortionSection:
+    """The distortion loss: MSE and LPIPS weights."""
+
     kind: str = doc_field("mse_lpips", "Distortion loss.", choices=("mse", "mse_lpips"))
     mse_weight: float = doc_field(150.0, "Weight of the MSE on [0, 1] images.", non_negative)
     lpips_weight: float = doc_field(1.0, "Weight of LPIPS (with `mse_lpips`).", non_negative)
@@ -221,6 +239,8 @@ class DistortionSection:
 
 @dataclass
 class RateSection:
+    """The rate loss: target bitrate and the rate-targeting weights."""
+
     target_bpp: float = doc_field(0.14, "Target rate in bits per pixel.", positive)
     lam_below: float = doc_field(
         0.0625, "Rate weight for images whose rounded bpp is at or below the target.", non_negative
@@ -281,6 +301,8 @@ class PretrainConfig:
 
 @dataclass
 class VQVAESection:
+    """The VQ-VAE labeller's architecture."""
+
     ch: int = doc_field(64, "Base width of the encoder/decoder (official: 64).", positive)
     ch_mult: list[int] = doc_field(
         [1, 2, 2, 4],
@@ -301,6 +323,8 @@ class VQVAESection:
 
 @dataclass
 class VQVAELossSection:
+    """The VQ-VAE's losses: reconstruction, LPIPS, commitment and codebook."""
+
     reconstruction: str = doc_field("l1", "Pixel reconstruction loss.", choices=("l1", "mse"))
     reconstruction_weight: float = doc_field(1.0, "Weight of the pixel loss.", non_negative)
     lpips_weight: float = doc_field(1.0, "Weight of LPIPS (0 = off).", non_negative)
@@ -314,6 +338,8 @@ class VQVAELossSection:
 
 @dataclass
 class CodebookSection:
+    """The VQ-VAE codebook: re-seeding dead codes."""
+
     reseed_dead: bool = doc_field(
         True, "Re-seed codes unused for `dead_after` steps from recent encoder outputs."
     )
@@ -323,6 +349,8 @@ class CodebookSection:
 
 @dataclass
 class VQVAEOptimSection:
+    """The VQ-VAE's optimizer and learning-rate schedule."""
+
     lr: float = doc_field(2e-4, "AdamW learning rate.", positive)
     weight_decay: float = doc_field(0.0, "AdamW weight decay.", non_negative)
     betas: list[float] = doc_field([0.9, 0.99], "AdamW betas.")
@@ -381,6 +409,8 @@ class VQVAEConfig:
 
 @dataclass
 class InitSection:
+    """The weights stage 2 starts from: the stage-1 autoencoder and the stage-0 labeller."""
+
     autoencoder: str = doc_field(
         "noganms_quality_3",
         "Stage-1 start: a run folder, a checkpoint, an exported weights file or an official No-GAN name.",
@@ -393,6 +423,8 @@ class InitSection:
 
 @dataclass
 class FreezeSection:
+    """Which parts of the autoencoder stay frozen in stage 2."""
+
     encoder: bool = doc_field(True, "Keep the encoder frozen (as released).")
     bottleneck: bool = doc_field(
         True,
@@ -403,6 +435,8 @@ class FreezeSection:
 
 @dataclass
 class DiscriminatorSection:
+    """The conditional U-Net discriminator and what it predicts."""
+
     target: str = doc_field(
         "vq",
         "`vq`: per-patch VQ labels (MS-ILLM); `binary`: real/fake patches (the paper's ablation).",
@@ -421,6 +455,8 @@ class DiscriminatorSection:
 
 @dataclass
 class GANOptimSection:
+    """The generator's and discriminator's optimizers."""
+
     lr: float = doc_field(1e-4, "AdamW learning rate of the generator (constant).", positive)
     betas: list[float] = doc_field([0.5, 0.9], "AdamW betas of the generator.")
     weight_decay: float = doc_field(0.0, "AdamW weight decay of the generator.", non_negative)
@@ -431,6 +467,8 @@ class GANOptimSection:
 
 @dataclass
 class GANLossSection:
+    """The adversarial (OASIS) loss and its weight."""
+
     generator_weight: float = doc_field(
         0.008, "Weight of the adversarial (OASIS) generator loss.", non_negative
     )

@@ -17,9 +17,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from illm.errors import IllmError, one_line
+from illm.fileformat import MAX_PIXELS  # one limit for images and .illm files
 from illm.files import atomic_write_bytes
 
-MAX_PIXELS = 2**27  # 134 megapixels (e.g. 16384 x 8192): far beyond what the networks can process
 # The files that image folders (training data, evaluation sets, CLI folders) are made of.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".ppm")
 

@@ -1,4 +1,5 @@
 """Sweeps: one experiment per value of a config key, or per combination of several keys' values.
+Every stage script takes them (train_vqvae.py, pretrain.py, finetune_gan.py), with one syntax:
 
     accelerate launch scripts/finetune_gan.py configs/finetune_0.14bpp.toml data.train=DIR \\
         --sweep gan.generator_weight=0.004,0.008,0.016 [--sweep distortion.lam=1,2] [--sweep-index N]
@@ -30,11 +31,12 @@ import torch
 import torch.distributed
 
 from illm.config import load_config, parse_override
+from illm.entry import exit_on_failure, parse_args, run_main
 from illm.errors import ConfigError, IllmError
-from illm.training import parse_args
 
 SWEEP_FLAG = "--sweep"
 INDEX_FLAG = "--sweep-index"
+USAGE_LINE = f"       [{SWEEP_FLAG} section.key=v1,v2,... ...] [{INDEX_FLAG} N]"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
@@ -137,6 +139,11 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def stage_cli(program: str, main: Callable[[list[str]], None], config_cls, usage: str, argv=None) -> None:
+    """A stage script's entry point: one run, or one per `--sweep` experiment; exits on failure."""
+    exit_on_failure(run_main(program, lambda args: run_with_sweeps(main, config_cls, args, usage), argv))
+
+
 def run_with_sweeps(
     main: Callable[[list[str]], None],
     config_cls,
@@ -156,7 +163,7 @@ def run_with_sweeps(
             raise ConfigError(f"{INDEX_FLAG} needs at least one {SWEEP_FLAG}")
         main(argv)
         return
-    config_path, overrides = parse_args(argv, usage)
+    config_path, overrides = parse_args(argv, usage, config_cls)
     base_dir = Path(load_config(config_cls, config_path, overrides).run.dir)
     points = experiments(sweeps)
     if index is not None:
@@ -198,10 +205,10 @@ def run_with_sweeps(
         raise IllmError(f"{failed} of {len(results)} sweep experiments failed (see the summary above)")
 
 
-# The child: `python -c CHILD MODULE FUNCTION ARGS...` runs MODULE.FUNCTION(ARGS) as a stage script.
+# The child: `python -c CHILD PROGRAM MODULE FUNCTION ARGS...` runs MODULE.FUNCTION(ARGS) as PROGRAM.
 _CHILD = (
-    "import importlib, sys; from illm.training import run_main; "
-    "run_main(getattr(importlib.import_module(sys.argv[1]), sys.argv[2]), sys.argv[3:])"
+    "import importlib, sys; from illm.entry import run_main; "
+    "sys.exit(run_main(sys.argv[1], getattr(importlib.import_module(sys.argv[2]), sys.argv[3]), sys.argv[4:]))"
 )
 
 
@@ -218,7 +225,8 @@ def in_own_process(main: Callable[[list[str]], None]) -> Callable[[list[str]], N
         env = dict(os.environ)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             env.update(MASTER_PORT=str(_agree_on_a_free_port()), TORCHELASTIC_USE_AGENT_STORE="False")
-        command = [sys.executable, "-c", _CHILD, main.__module__, main.__name__, *argv]
+        program = Path(sys.argv[0]).name or "sweep"
+        command = [sys.executable, "-c", _CHILD, program, main.__module__, main.__name__, *argv]
         returncode = subprocess.run(command, env=env).returncode
         if returncode != 0:
             raise IllmError(f"exit code {returncode}")

@@ -31,11 +31,12 @@ full-resolution activations dominate memory (~1 kB per pixel), in small tiles wi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-
-import torch
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from illm.errors import IllmError
+
+if TYPE_CHECKING:  # torch is imported where a network runs: `illm --help` reads the constants below
+    from torch import Tensor, nn
 
 LATENT_STRIDE = 16
 ENCODER_HALO = 3
@@ -92,6 +93,8 @@ def _latent_tile(tile: int | None) -> int | None:
 
 
 def _on_weights_of(network: nn.Module, function: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    import torch
+
     weight = next(network.parameters())
 
     def run(x: Tensor) -> Tensor:

@@ -33,44 +33,11 @@ from illm.download import cache_path, cached_file
 from illm.errors import IllmError, one_line
 from illm.files import atomic_write_bytes
 from illm.models.hific import PRECISIONS, HiFiCAutoencoder
+from illm.official import LICENSE_NOTICE, OFFICIAL_ALIASES, OFFICIAL_URL, OFFICIAL_WEIGHTS  # noqa: F401
 
 if TYPE_CHECKING:
     from illm.models.discriminator import ConditionalUNetDiscriminator
     from illm.models.vqvae import VQVAE
-
-OFFICIAL_URL = "https://dl.fbaipublicfiles.com/NeuralCompression/2023-muckley-msillm/"
-# quality -> the bitrate target in the file name
-_MSILLM_TARGETS = {
-    "vlo1": "0.00218",
-    "vlo2": "0.00438",
-    "1": "0.035",
-    "2": "0.07",
-    "3": "0.14",
-    "4": "0.3",
-    "5": "0.45",
-    "6": "0.9",
-}
-_NOGAN_TARGETS = {str(quality): _MSILLM_TARGETS[str(quality)] for quality in range(1, 7)}
-
-OFFICIAL_WEIGHTS = {
-    **{
-        f"msillm_quality_{q}": f"{OFFICIAL_URL}msillm_target_{bpp}bpp.ckpt"
-        for q, bpp in _MSILLM_TARGETS.items()
-    },
-    **{
-        f"noganms_quality_{q}": f"{OFFICIAL_URL}noganms_target_{bpp}bpp.ckpt"
-        for q, bpp in _NOGAN_TARGETS.items()
-    },
-    "vqvae_xcit_p8_ch64_cb1024_h8": f"{OFFICIAL_URL}vqvae_xcit_p8_ch64_cb1024_h8.ckpt",
-}
-
-# torch.hub names of the official repository (hubconf.py) that differ from the file names above.
-OFFICIAL_ALIASES = {"msillm_vqvae_xcit_p8_ch64_cb1024_h8": "vqvae_xcit_p8_ch64_cb1024_h8"}
-
-LICENSE_NOTICE = (
-    "illm: the official MS-ILLM weights (facebookresearch/NeuralCompression) are licensed under "
-    "CC-BY-NC 4.0, for non-commercial use only: https://creativecommons.org/licenses/by-nc/4.0/"
-)
 
 
 class _ModelClasses(Mapping):

@@ -55,9 +55,26 @@ def test_export_errors_are_one_line(runs, tmp_path, capsys):
     for arguments, message in [
         ([str(tmp_path / "nothing")], "nothing"),
         ([str(runs / "vq"), "--kind", "autoencoder"], "holds no autoencoder"),
+        ([str(runs / "ae"), "--checkpoint", "best"], "no checkpoints/best.pt yet"),
+        ([str(runs / "ae"), "--checkpoint", "7"], "no checkpoint of step 7 (kept steps: 1)"),
+        ([str(runs / "ae"), "--checkpoint", "first"], "expected best, latest or a step number, got 'first'"),
     ]:
-        with pytest.raises(SystemExit) as exit_info:
-            export_main([*arguments, "-o", str(tmp_path / "x.pt")])
+        status = export_main([*arguments, "-o", str(tmp_path / "x.pt")])
         err = capsys.readouterr().err
-        assert exit_info.value.code == 1 and len(err.strip().splitlines()) == 1 and message in err, err
+        assert status == 1 and len(err.strip().splitlines()) == 1 and err.startswith("export.py: error: ")
+        assert message in err, err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_checkpoint_picks_best_latest_or_a_step(runs, tmp_path, capsys):
+    kept = tmp_path / "run" / "checkpoints"
+    kept.mkdir(parents=True)
+    original = (runs / "ae" / "checkpoints" / "step_00000001.pt").read_bytes()
+    for name in ("step_00000010.pt", "step_00000020.pt", "best.pt"):
+        (kept / name).write_bytes(original)
+    for which, expected in [("latest", "step_00000020.pt"), ("best", "best.pt"), ("10", "step_00000010.pt")]:
+        _, path = export(tmp_path / "run", tmp_path / f"{which}.pt", checkpoint=which)
+        assert path == kept / expected
+    assert export_main([str(tmp_path / "run"), "--checkpoint", "best", "-o", str(tmp_path / "b.pt")]) == 0
+    assert f"{kept / 'best.pt'}" in capsys.readouterr().out
+    assert isinstance(zoo.load(str(tmp_path / "b.pt")), torch.nn.Module)

@@ -137,3 +137,39 @@ def test_each_experiment_runs_in_a_process_of_its_own(tmp_path, monkeypatch, cap
     with pytest.raises(IllmError, match="exit code 1"):
         in_own_process(sweep_child.fail)([])
     assert "error: this experiment fails" in capfd.readouterr().err  # the child's one-line error
+
+
+@pytest.mark.parametrize(
+    "stage, config_cls, config, key, values",
+    [
+        ("vqvae", "VQVAEConfig", "vqvae.toml", "codebook.dead_after", (50, 80)),
+        ("pretrain", "PretrainConfig", "pretrain.toml", "rate.target_bpp", (0.1, 0.2)),
+        ("finetune", "FinetuneConfig", "finetune.toml", "gan.generator_weight", (0.004, 0.016)),
+    ],
+)
+def test_every_stage_script_sweeps_with_the_same_syntax(monkeypatch, stage, config_cls, config, key, values):
+    """`cli` of each stage routes --sweep/--sweep-index; experiment 1 runs here (the --sweep-index path)."""
+    import importlib
+
+    from illm import experiment
+
+    module = importlib.import_module(f"illm.stages.{stage}")
+    cls = getattr(experiment, config_cls)
+    seen = []
+    monkeypatch.setattr(module, "main", lambda argv: seen.append(load_config(cls, argv[0], argv[1:])))
+    sweep_text = f"{key}=" + ",".join(str(v) for v in values)
+    path = str(REPO / "illm/configs/tiny" / config)
+    module.cli([path, "run.dir=/tmp/base", "--sweep", sweep_text, "--sweep-index", "1"])
+    section, name = key.split(".")
+    assert [getattr(getattr(c, section), name) for c in seen] == [values[1]]
+    assert seen[0].run.dir == f"/tmp/base/{key}={values[1]}"
+
+
+def test_a_stage_sweep_with_a_bad_key_is_one_line(capsys):
+    from illm.stages import pretrain
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.cli([str(REPO / "illm/configs/tiny/pretrain.toml"), "--sweep", "rate.target=0.1,0.2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith("pretrain.py: error: ") and err.count("\n") == 1
+    assert "rate.target" in err

@@ -33,6 +33,7 @@ from illm.config import load_config
 from illm.data import TrainingData
 from illm.distributed import ignore_in_ddp, sync_context
 from illm.divergence import check_finite
+from illm.entry import parse_args
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.loop import TrainingLog
@@ -50,14 +51,11 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw, clip_gradients, quantile_step
 from illm.run import finish_run, resume, start_run
-from illm.sweep import run_with_sweeps
-from illm.training import IterationResult, parse_args, run_main
+from illm.sweep import USAGE_LINE, stage_cli
+from illm.training import IterationResult
 from illm.validation import Adversarial, build_fid, validate_autoencoder
 
-USAGE = (
-    "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n"
-    "       [--sweep section.key=v1,v2,... ...] [--sweep-index N]"
-)
+USAGE = "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 
 # --- models -------------------------------------------------------------------------------------------
@@ -311,7 +309,7 @@ def finetune_iteration(
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, FinetuneConfig)
     train(load_config(FinetuneConfig, config_path, overrides))
 
 
@@ -390,4 +388,4 @@ def build_finetune(cfg: FinetuneConfig, run, labeller, distortion: Distortion) -
 
 def cli(argv=None) -> None:
     """`scripts/finetune_gan.py`: one run, or one per value of each `--sweep`."""
-    run_main(lambda args: run_with_sweeps(main, FinetuneConfig, args, USAGE), argv)
+    stage_cli("finetune_gan.py", main, FinetuneConfig, USAGE, argv)

@@ -20,16 +20,18 @@ from illm.config import load_config
 from illm.data import TrainingData
 from illm.distributed import ignore_in_ddp, sync_context
 from illm.divergence import check_finite
+from illm.entry import parse_args
 from illm.experiment import PretrainConfig
 from illm.loop import TrainingLog
 from illm.losses import Distortion, autoencoder_losses, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
 from illm.run import finish_run, resume, start_run
-from illm.training import IterationResult, parse_args, run_main
+from illm.sweep import USAGE_LINE, stage_cli
+from illm.training import IterationResult
 from illm.validation import build_fid, validate_autoencoder
 
-USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]"
+USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 
 def build_autoencoder(model_cfg) -> HiFiCAutoencoder:
@@ -116,7 +118,7 @@ def pretrain_iteration(
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, PretrainConfig)
     train(load_config(PretrainConfig, config_path, overrides))
 
 
@@ -161,4 +163,5 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
 
 
 def cli(argv=None) -> None:
-    run_main(main, argv)
+    """`scripts/pretrain.py`: one run, or one per value of each `--sweep`."""
+    stage_cli("pretrain.py", main, PretrainConfig, USAGE, argv)

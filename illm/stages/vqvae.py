@@ -24,16 +24,18 @@ from illm.config import load_config
 from illm.data import TrainingData
 from illm.distributed import sync_context
 from illm.divergence import check_finite
+from illm.entry import parse_args
 from illm.experiment import VQVAEConfig
 from illm.loop import TrainingLog
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, clip_gradients, lr_schedule
 from illm.run import finish_run, resume, start_run
-from illm.training import IterationResult, parse_args, run_main
+from illm.sweep import USAGE_LINE, stage_cli
+from illm.training import IterationResult
 from illm.validation import SampleMeans, evaluating, image_quality, pooled_quality, validation_images
 
-USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]"
+USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
 # The recent-latent buffer holds this many vectors per code, so that even a fully dead codebook
 # can be re-seeded from distinct vectors.
@@ -258,7 +260,7 @@ def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> Iter
 
 
 def main(argv: list[str]) -> None:
-    config_path, overrides = parse_args(argv, USAGE)
+    config_path, overrides = parse_args(argv, USAGE, VQVAEConfig)
     train(load_config(VQVAEConfig, config_path, overrides))
 
 
@@ -340,4 +342,5 @@ def validate_and_show(run, parts: VQVAEParts, data: TrainingData, step: int) -> 
 
 
 def cli(argv=None) -> None:
-    run_main(main, argv)
+    """`scripts/train_vqvae.py`: one run, or one per value of each `--sweep`."""
+    stage_cli("train_vqvae.py", main, VQVAEConfig, USAGE, argv)
