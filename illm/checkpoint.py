@@ -31,11 +31,14 @@ import numpy as np
 import torch
 
 from illm.errors import IllmError, one_line
+from illm.faults import WriteRecorder, describe_write_error, share_write_failure
 from illm.files import atomic_open, atomic_write_bytes
 
 FORMAT_VERSION = 1
 CHECKPOINT_MARK = "illm_checkpoint"
 STEP_FILE = re.compile(r"^step_(\d{8,})\.pt$")
+# The names `illm.files.atomic_open` gives its temporary files, for the files of a run folder.
+STALE_TEMPORARY = re.compile(r"^\.(step_\d{8,}\.pt|best\.pt|best\.json|config\.toml)\.[0-9a-f]{8}\.tmp$")
 
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -85,6 +88,11 @@ def checkpoint_model(content, path: str | Path, name: str) -> dict:
         found = ", ".join(models) if isinstance(models, dict) else "none"
         raise IllmError(f"{path}: training checkpoint without {name} weights (it has: {found})")
     return models[name]
+
+
+def latest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest step checkpoint of a run that is intact (every byte checked), or None."""
+    return next((path for path in reversed(step_checkpoints(run_dir)) if not _damage(path)), None)
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -219,6 +227,20 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
 
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete the temporary files our atomic writer left in this run folder when a process was
+        killed during a write (`.step_00001000.pt.<8 hex>.tmp` and the like); nothing else."""
+        stale = [
+            path
+            for folder in (self.run_dir, self.folder)
+            if folder.is_dir()
+            for path in folder.iterdir()
+            if STALE_TEMPORARY.match(path.name)
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def latest_intact(self) -> Path | None:
         return next((p for p in reversed(step_checkpoints(self.run_dir)) if self.intact(p)), None)
 
@@ -230,6 +252,7 @@ class CheckpointManager:
         candidate."""
         accelerator = self.accelerator
         rng_states = gather_rng_states(accelerator)
+        failure = ""
         if accelerator.is_main_process:
             checkpoint = {
                 CHECKPOINT_MARK: FORMAT_VERSION,
@@ -245,20 +268,30 @@ class CheckpointManager:
                 "metrics": dict(val_metrics or {}),
                 "config": self.config_toml,
             }
-            path = self.write(checkpoint)
+            failure = self.write_and_keep(checkpoint, val_metrics)
+        share_write_failure(accelerator, failure)
+
+    def write_and_keep(self, checkpoint: dict, val_metrics: dict | None) -> str:
+        """Write, prune and update best.pt; returns why it failed ("" when it did not). A failed
+        write leaves the earlier checkpoints as they were (atomic writes)."""
+        path = self.path_for(checkpoint["step"])
+        recorder = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(path) as file:
+                recorder = WriteRecorder(file)
+                torch.save(checkpoint, recorder)
+            self._known_intact.add(path)
             self.prune()
             if val_metrics is not None:
-                self.consider_best(path, step, val_metrics)
-        accelerator.wait_for_everyone()
-
-    def write(self, checkpoint: dict) -> Path:
-        """Write one step checkpoint atomically; returns its path."""
-        path = self.path_for(checkpoint["step"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as file:
-            torch.save(checkpoint, file)
-        self._known_intact.add(path)
-        return path
+                self.consider_best(path, checkpoint["step"], val_metrics)
+        except (OSError, RuntimeError) as error:
+            last = self.latest_intact()
+            return (
+                f"could not write the checkpoint {path} ({describe_write_error(error, recorder)}); "
+                f"the last intact checkpoint is {last}: free space, then run the same command to resume"
+            )
+        return ""
 
     def intact(self, path: Path) -> bool:
         """Whether `path` is an intact checkpoint (files this manager wrote are known to be)."""

@@ -3,10 +3,16 @@ never per iteration (one small cross-process reduction then)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 from illm.errors import IllmError
+from illm.files import atomic_write_bytes
+
+DIVERGED_RECORD = "diverged.json"
 
 
 class Diverged(IllmError):
@@ -62,4 +68,26 @@ def check_finite(run, step: int, logs: dict, models: dict) -> None:
         if last
         else f"no checkpoint was written yet; start over with an optim.lr below {lr:g}"
     )
-    raise Diverged(f"diverged at iteration {step}: {quantities[bad[0]]} is not finite; {how}")
+    message = f"diverged at iteration {step}: {quantities[bad[0]]} is not finite; {how}"
+    if accelerator.is_main_process:
+        record = {"step": step, "lr": lr, "message": message}
+        try:
+            atomic_write_bytes(run.checkpoints.run_dir / DIVERGED_RECORD, json.dumps(record).encode())
+        except OSError:
+            pass  # the record only spares restarts; the run stops either way
+    raise Diverged(message)
+
+
+def refuse_repeated_divergence(run_dir: Path, config, resume_from) -> None:
+    """Fail at once when the run diverged before and nothing that could change that was changed:
+    an automatic restart (`accelerate launch --max_restarts`) then does not train into the same
+    divergence again. A new `optim.lr` clears the record."""
+    path = Path(run_dir) / DIVERGED_RECORD
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if record.get("lr") != config.optim.lr:
+        path.unlink(missing_ok=True)
+        return
+    raise Diverged(f"{record.get('message', 'the run diverged')} (recorded in {path})")

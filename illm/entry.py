@@ -1,7 +1,8 @@
 """How every program of the project starts and fails: one convention, and no torch import here.
 
 `run_main(program, main, argv)` runs ``main(argv)`` and turns a user error (`IllmError`, or an
-`OSError` about a file) into one line ``<program>: error: ...`` on stderr and exit status 1, and
+`OSError` about a file) into one line ``<program>: error: ...`` on stderr and its exit status
+(1, or the training statuses of `illm.errors`: 69, 74, 75), and
 Ctrl-C into ``<program>: interrupted`` and status 130. Anything else is a bug and keeps its
 traceback. It is used by ``illm``, the training scripts, ``export.py``, ``evaluate.py`` and the demo.
 
@@ -22,11 +23,11 @@ PRINT_CONFIG_FLAG = "--print-config"
 
 def run_main(program: str, main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> int:
     """Run ``main(argv)`` (default ``sys.argv[1:]``); return the exit status: main's (None is 0),
-    1 after a one-line user error, 130 after Ctrl-C."""
+    the error's status after a one-line user error (1 for most), 130 after Ctrl-C."""
     try:
         return main(sys.argv[1:] if argv is None else argv) or 0
     except IllmError as error:
-        return fail(program, str(error))
+        return fail(program, str(error), error.kind, error.exit_code)
     except OSError as error:
         return fail(program, f"{error.filename}: {error.strerror}" if error.filename else str(error))
     except KeyboardInterrupt:
@@ -34,10 +35,10 @@ def run_main(program: str, main: Callable[[list[str]], int | None], argv: list[s
         return 130
 
 
-def fail(program: str, message: str) -> int:
-    """Print ``<program>: error: message`` on one line; return the exit status 1."""
-    print(f"{program}: error: {' '.join(message.split())}", file=sys.stderr)
-    return 1
+def fail(program: str, message: str, kind: str = "error", status: int = 1) -> int:
+    """Print ``<program>: <kind>: message`` on one line; return the exit status."""
+    print(f"{program}: {kind}: {' '.join(message.split())}", file=sys.stderr)
+    return status
 
 
 def exit_on_failure(status: int) -> None:

@@ -1,8 +1,17 @@
 """Errors meant for users: each carries a one-line message naming what is wrong."""
 
+# Exit statuses of the training scripts (and of every `illm` program for the first one).
+EXIT_ERROR = 1  # bad input or config, or a diverged run: the same command fails again
+EXIT_LOST_PEER = 69  # a collective failed or timed out: another process or machine stopped
+EXIT_WRITE_FAILED = 74  # a checkpoint, event file or config.toml could not be written (disk full?)
+EXIT_STOPPED = 75  # SIGTERM or SIGUSR1: stopped after writing a checkpoint; the same command resumes
+
 
 class IllmError(Exception):
     """A problem with user input (a file, a key, a value). Entry points print it as one line."""
+
+    exit_code = EXIT_ERROR
+    kind = "error"  # the word after the program's name: `<program>: error: ...`
 
 
 class ConfigError(IllmError):
@@ -19,6 +28,25 @@ class WeightsMismatchError(IllmError):
 
 class MissingWeightsError(IllmError):
     """Pretrained backbone weights (LPIPS, Inception, ...) are not available offline."""
+
+
+class LostPeerError(IllmError):
+    """A collective operation failed: another training process or machine is gone."""
+
+    exit_code = EXIT_LOST_PEER
+
+
+class WriteFailedError(IllmError):
+    """A file of the run (checkpoint, event file, config.toml) could not be written."""
+
+    exit_code = EXIT_WRITE_FAILED
+
+
+class RunStopped(IllmError):
+    """Not a failure: the run was asked to stop (preemption) and wrote a checkpoint first."""
+
+    exit_code = EXIT_STOPPED
+    kind = "stopped"
 
 
 def one_line(error: BaseException) -> str:

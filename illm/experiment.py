@@ -44,6 +44,12 @@ class RunSection:
     resume_from: str = doc_field(
         "", "Resume from this checkpoint file instead of the run's latest (e.g. when the latest is damaged)."
     )
+    collective_timeout_s: float = doc_field(
+        1800.0,
+        "How long a process waits in a collective (all-reduce, barrier) before it stops with one line: "
+        "the time a lost machine costs the others. It must exceed the longest checkpoint write.",
+        positive,
+    )
 
 
 @dataclass

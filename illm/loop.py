@@ -14,6 +14,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from illm.errors import ConfigError
+from illm.faults import describe_write_error, share_write_failure
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:
@@ -117,7 +118,13 @@ class TrainingLog:
             "data/skipped_images": self.data.stream.skipped_images,
             **self.progress.rates(step),
         }
-        self.run.logger.scalars({**values, **common}, step)
+        failure = ""
+        try:  # written now, so that a full disk stops the run here and not in a writer thread
+            self.run.logger.scalars({**values, **common}, step)
+            self.run.logger.flush()
+        except OSError as error:
+            failure = f"could not write the TensorBoard events of {self.run.run_dir} ({describe_write_error(error)})"
+        share_write_failure(self.run.accelerator, failure)
         self.progress.update(
             step, {label: values[name] for label, name in self.shown.items() if name in values}
         )

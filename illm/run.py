@@ -4,18 +4,28 @@ config, the checkpoint manager, the resume and TensorBoard."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import (
+    DataLoaderConfiguration,
+    DistributedDataParallelKwargs,
+    InitProcessGroupKwargs,
+    set_seed,
+)
 
 from illm import backends
 from illm import config as config_io
 from illm.checkpoint import CheckpointManager, TrainingState, prepare_run_dir, read_checkpoint, resume_point
+from illm.divergence import refuse_repeated_divergence
+from illm.errors import RunStopped
+from illm.faults import describe_write_error, share_write_failure
 from illm.files import atomic_write_bytes
 from illm.logger import TensorBoardLogger
+from illm.preemption import StopRequest
 
 
 @dataclass
@@ -29,6 +39,7 @@ class Run:
     resume_from: Path | None
     run_dir: Path
     config_toml: str
+    stop: StopRequest
     logger: TensorBoardLogger | None = None
 
 
@@ -47,7 +58,8 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
         # Pinned batches copied asynchronously: the copy overlaps the previous step's kernels.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         kwargs_handlers=[
-            DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers)
+            DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers),
+            InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s)),
         ],
     )
     # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off.
@@ -66,15 +78,24 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     resume_from = (
         resume_point(run_dir, config.run.resume_from) if resuming or config.run.resume_from else None
     )
+    refuse_repeated_divergence(run_dir, config, resume_from)
+    failure = ""
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
+        checkpoints.remove_stale_temporaries()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_dir / "config.toml", config_toml.encode())
+        except OSError as error:
+            failure = f"could not write {run_dir / 'config.toml'} ({describe_write_error(error)})"
         where = f"resuming from {resume_from}" if resume_from else "new run"
         print(
             f"[{stage}] {where}: {run_dir} | processes: {accelerator.num_processes} | device: "
             f"{accelerator.device} | precision: {config.train.mixed_precision}"
         )
-    return Run(config, stage, accelerator, checkpoints, resume_from, run_dir, config_toml)
+    share_write_failure(accelerator, failure)
+    return Run(
+        config, stage, accelerator, checkpoints, resume_from, run_dir, config_toml, StopRequest(accelerator)
+    )
 
 
 def resume(run: Run, state: TrainingState) -> int:
@@ -91,8 +112,19 @@ def resume(run: Run, state: TrainingState) -> int:
     return step
 
 
+def stop_after_checkpoint(run: Run, step: int) -> None:
+    """Leave the run after the checkpoint that a stop signal asked for."""
+    run.stop.close()
+    run.logger.close()
+    raise RunStopped(
+        f"{run.stop.signal_name} at iteration {step}: wrote {run.checkpoints.path_for(step)}; "
+        "run the same command to continue from it"
+    )
+
+
 def finish_run(run: Run, step: int) -> None:
     """Close the event files, release the processes, say where the run is."""
+    run.stop.close()
     run.logger.close()
     run.accelerator.end_training()
     if run.accelerator.is_main_process:

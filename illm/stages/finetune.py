@@ -36,6 +36,7 @@ from illm.divergence import check_finite
 from illm.entry import parse_args
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
+from illm.faults import lost_peers
 from illm.loop import TrainingLog
 from illm.losses import (
     Distortion,
@@ -50,7 +51,7 @@ from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw, clip_gradients, quantile_step
-from illm.run import finish_run, resume, start_run
+from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import IterationResult
 from illm.validation import Adversarial, build_fid, validate_autoencoder
@@ -310,7 +311,9 @@ def finetune_iteration(
 
 def main(argv: list[str]) -> None:
     config_path, overrides = parse_args(argv, USAGE, FinetuneConfig)
-    train(load_config(FinetuneConfig, config_path, overrides))
+    cfg = load_config(FinetuneConfig, config_path, overrides)
+    with lost_peers(cfg.run.dir):
+        train(cfg)
 
 
 def train(cfg: FinetuneConfig) -> nn.ModuleDict:
@@ -343,7 +346,8 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
         log_due = log.due(step + 1)
         result = finetune_iteration(parts, data.next_micro_batches(), step, log_due)
         step += 1
-        if log_due or run.checkpoints.due(step):
+        stopping = run.stop.requested()  # SIGTERM or SIGUSR1 on any process
+        if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
             log.write(step, result.all_logs())
@@ -361,8 +365,10 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
                 fid,
                 adversarial,
             )
-        if run.checkpoints.due(step):
+        if run.checkpoints.due(step) or stopping:
             run.checkpoints.save(step, state, val_metrics)
+        if stopping:
+            stop_after_checkpoint(run, step)
     log.close()
     finish_run(run, step)
     unwrap = run.accelerator.unwrap_model

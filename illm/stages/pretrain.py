@@ -22,11 +22,12 @@ from illm.distributed import ignore_in_ddp, sync_context
 from illm.divergence import check_finite
 from illm.entry import parse_args
 from illm.experiment import PretrainConfig
+from illm.faults import lost_peers
 from illm.loop import TrainingLog
 from illm.losses import Distortion, autoencoder_losses, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
-from illm.run import finish_run, resume, start_run
+from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import IterationResult
 from illm.validation import build_fid, validate_autoencoder
@@ -119,7 +120,9 @@ def pretrain_iteration(
 
 def main(argv: list[str]) -> None:
     config_path, overrides = parse_args(argv, USAGE, PretrainConfig)
-    train(load_config(PretrainConfig, config_path, overrides))
+    cfg = load_config(PretrainConfig, config_path, overrides)
+    with lost_peers(cfg.run.dir):
+        train(cfg)
 
 
 def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
@@ -146,7 +149,8 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
         log_due = log.due(step + 1)
         result = pretrain_iteration(parts, data.next_micro_batches(), step, log_due)
         step += 1
-        if log_due or run.checkpoints.due(step):
+        stopping = run.stop.requested()  # SIGTERM or SIGUSR1 on any process
+        if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
             log.write(step, result.all_logs())
@@ -155,8 +159,10 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
             val_metrics = validate_autoencoder(
                 run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed, fid=fid
             )
-        if run.checkpoints.due(step):
+        if run.checkpoints.due(step) or stopping:
             run.checkpoints.save(step, state, val_metrics)
+        if stopping:
+            stop_after_checkpoint(run, step)
     log.close()
     finish_run(run, step)
     return run.accelerator.unwrap_model(parts.model)

@@ -26,11 +26,12 @@ from illm.distributed import sync_context
 from illm.divergence import check_finite
 from illm.entry import parse_args
 from illm.experiment import VQVAEConfig
+from illm.faults import lost_peers
 from illm.loop import TrainingLog
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, clip_gradients, lr_schedule
-from illm.run import finish_run, resume, start_run
+from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
 from illm.training import IterationResult
 from illm.validation import SampleMeans, evaluating, image_quality, pooled_quality, validation_images
@@ -261,7 +262,9 @@ def vqvae_iteration(parts: VQVAEParts, batches: list[Tensor], step: int) -> Iter
 
 def main(argv: list[str]) -> None:
     config_path, overrides = parse_args(argv, USAGE, VQVAEConfig)
-    train(load_config(VQVAEConfig, config_path, overrides))
+    cfg = load_config(VQVAEConfig, config_path, overrides)
+    with lost_peers(cfg.run.dir):
+        train(cfg)
 
 
 def train(cfg: VQVAEConfig) -> VQVAE:
@@ -288,17 +291,20 @@ def train(cfg: VQVAEConfig) -> VQVAE:
         log_due = log.due(step + 1)
         result = vqvae_iteration(parts, data.next_micro_batches(), step)
         step += 1
+        stopping = run.stop.requested()  # SIGTERM or SIGUSR1 on any process
         if "codebook/reseeded_codes" in result.logs:
             run.logger.scalars({"codebook/reseeded_codes": result.logs.pop("codebook/reseeded_codes")}, step)
-        if log_due or run.checkpoints.due(step):
+        if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
             log.write(step, {**result.all_logs(), **codebook_status(vqvae, parts.keeper, step, cfg)})
         val_metrics = None
         if log.validation_due(step):
             val_metrics = validate_and_show(run, parts, data, step)
-        if run.checkpoints.due(step):
+        if run.checkpoints.due(step) or stopping:
             run.checkpoints.save(step, state, val_metrics)
+        if stopping:
+            stop_after_checkpoint(run, step)
     log.close()
     finish_run(run, step)
     return vqvae
