@@ -40,6 +40,7 @@ def test_official_models_beside_jpeg_from_the_hub_cache(offline, tmp_path, capsy
     out = capsys.readouterr().out
     for photo in demo.HELD_OUT_PHOTOS:
         rows = [line.split() for line in out.splitlines() if line.strip().startswith(photo)]
+        rows = [row for row in rows if "cannot" not in row]  # a note when JPEG cannot be that small
         assert [row[1] for row in rows][1:] == ["MS-ILLM", "No-GAN"] and rows[0][1].startswith("JPEG")
         assert float(rows[0][3]) > 0 and float(rows[1][3]) > 0  # PSNR of JPEG and of MS-ILLM
         picture = Image.open(tmp_path / "out" / f"official_{photo}.png")

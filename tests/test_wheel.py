@@ -9,6 +9,7 @@ nothing can be imported from the source tree by accident.
 
 import csv
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -18,6 +19,7 @@ import venv
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # Every download fails at once (a proxy on the discard port): the demo reports LPIPS as missing.
@@ -80,3 +82,13 @@ def test_the_installed_quick_demo_makes_everything_it_announces(installed, tmp_p
     assert [r["model"] for r in rows] == ["stage1", "stage2"]
     assert all(float(r["psnr"]) > 0 and float(r["bpp"]) > 0 for r in rows)
     assert all(r["lpips"] == "" for r in rows)  # backbone weights missing offline: reported, not fatal
+    # JPEG at no more bytes than the stage-2 file, beside ours: original | JPEG | stage 1 | stage 2
+    jpeg = re.search(r"JPEG, same size  quality (\d+): (\d+) bytes, [\d.]+ bpp, PSNR [\d.]+ dB", printed)
+    ours = re.search(r"chelsea\.illm: (\d+) bytes", printed)
+    assert jpeg and ours and int(jpeg.group(2)) <= int(ours.group(1)), printed[-1500:]
+    assert "official models: not in the torch hub cache" in printed  # how to get them, in one line
+    with (
+        Image.open(output / "side_by_side.png") as row,
+        Image.open(output / "photos/held_out/chelsea.png") as one,
+    ):
+        assert row.width == 4 * one.width + 3 * 8
