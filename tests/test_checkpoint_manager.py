@@ -100,7 +100,9 @@ def test_best_in_min_mode_and_a_record_for_another_metric_is_replaced(tmp_path):
 
 def fake_run(tmp_path, scaler=None):
     manager, _ = manager_and_state(tmp_path)
-    accelerator = SimpleNamespace(scaler=scaler, device=torch.device("cpu"), num_processes=1)
+    accelerator = SimpleNamespace(
+        scaler=scaler, device=torch.device("cpu"), num_processes=1, is_main_process=True
+    )
     return SimpleNamespace(
         accelerator=accelerator, checkpoints=manager, config=load_config(PretrainConfig, None)
     )
