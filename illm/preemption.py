@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,13 +22,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 class StopRequest:
     """The stop flag of this process, and the processes' agreement on it."""
 
-    def __init__(self, accelerator):
+    def __init__(self, accelerator, timeout: timedelta):
         self.accelerator = accelerator
         self.signal_name = ""
         self._group = None
         if accelerator.num_processes > 1:
             # A CPU (gloo) group: agreeing costs no host-device sync on a GPU.
-            self._group = dist.new_group(backend="gloo")
+            self._group = dist.new_group(backend="gloo", timeout=timeout)
         self._previous = {}
         if threading.current_thread() is threading.main_thread():  # Python's rule for handlers
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}

@@ -53,13 +53,14 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
     # with its own precision; Accelerate keeps the first one's unless its shared state is reset
     # (the process group stays). No public API resets it, hence the private call.
     AcceleratorState._reset_state()
+    collective_timeout = timedelta(seconds=config.run.collective_timeout_s)
     accelerator = Accelerator(
         mixed_precision=config.train.mixed_precision,
         # Pinned batches copied asynchronously: the copy overlaps the previous step's kernels.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
         kwargs_handlers=[
             DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=broadcast_buffers),
-            InitProcessGroupKwargs(timeout=timedelta(seconds=config.run.collective_timeout_s)),
+            InitProcessGroupKwargs(timeout=collective_timeout),
         ],
     )
     # Training crops have one fixed size, so cuDNN's per-shape algorithm search pays off.
@@ -94,7 +95,7 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
         )
     share_write_failure(accelerator, failure)
     return Run(
-        config, stage, accelerator, checkpoints, resume_from, run_dir, config_toml, StopRequest(accelerator)
+        config, stage, accelerator, checkpoints, resume_from, run_dir, config_toml, StopRequest(accelerator, collective_timeout)
     )
 
 
