@@ -242,3 +242,24 @@ def test_a_resumed_run_purges_what_was_logged_after_its_checkpoint(tmp_path, fol
     steps_logged = [e.step for e in events.Scalars("train/total_loss")]
     assert steps_logged == [1, 2, 3, 4]  # step 3 once: the interrupted run's was purged
     assert logged(run, "train/total_loss")[3] == pytest.approx(first_three, rel=1e-6)  # same data, same RNG
+
+
+def test_stale_temporaries_of_our_writer_are_removed_and_nothing_else(tmp_path):
+    manager, _ = manager_and_state(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    ours = [
+        tmp_path / "checkpoints" / ".step_00000010.pt.0a1b2c3d.tmp",
+        tmp_path / "checkpoints" / ".best.pt.deadbeef.tmp",
+        tmp_path / "checkpoints" / ".best.json.00000000.tmp",
+        tmp_path / ".config.toml.12345678.tmp",
+    ]
+    others = [
+        tmp_path / "checkpoints" / "step_00000010.pt",
+        tmp_path / "checkpoints" / ".step_00000010.pt.notours.tmp",
+        tmp_path / "checkpoints" / "notes.tmp",
+        tmp_path / ".mydata.12345678.tmp",
+    ]
+    for path in ours + others:
+        path.write_bytes(b"x")
+    assert sorted(manager.remove_stale_temporaries()) == sorted(ours)
+    assert not any(path.exists() for path in ours) and all(path.exists() for path in others)
