@@ -60,7 +60,13 @@ mkdir -p "$OUT"
 started=$SECONDS
 VENV="${ILLM_GPU_VENV:-/tmp/illm-gpu-venv}"
 if [[ ! -x "$VENV/bin/python" ]]; then
-    "$PYTHON" -m venv --system-site-packages "$VENV" || { echo "gpu_check: cannot make a venv at $VENV"; exit 1; }
+    # $PYTHON may itself be a venv, whose packages --system-site-packages would not reach: the new
+    # venv reads the interpreter's own site folders through a .pth file (after its own), and
+    # runs that interpreter's pip.
+    "$PYTHON" -m venv --without-pip "$VENV" || { echo "gpu_check: cannot make a venv at $VENV"; exit 1; }
+    own_site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+    "$PYTHON" -c 'import site; print("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in site.getsitepackages()))' \
+        >"$own_site/illm_gpu_check_parent.pth"
 fi
 PY="$VENV/bin/python"
 missing=()
