@@ -20,13 +20,15 @@ The checks, in the order they run (the cheap and decisive ones first):
 - stage1_validation (point 1): a tiny stage-1 run on the device through a validation;
 - tiny_stages_bf16_resume: tiny stage 0, 1 and 2 in bf16, stage 2 stopped and resumed;
 - ddp_world1: the DDP code path at world size 1 (torchrun; NCCL on CUDA), with validation;
+- ddp_world2: two ranks on NCCL, when two GPUs are present;
+- fp16 (point 5): LPIPS normalisations and channel norms under float16 autocast, tiny stage 0
+  and 1 in fp16;
 - tf32_latent (point 6): a full-size encoder's latent on the device with TF32 off and on
   against the CPU's;
 - stage1_timing: full-size stage-1 iterations, fp32 and bf16, cudnn.benchmark off and on,
   with peak memory (scripts/benchmark_pretrain.py's parts and timer);
 - stage2_timing: full-size stage-2 iterations at the released per-process batch
-  (scripts/benchmark_finetune.py's run);
-- ddp_world2: two ranks on NCCL, when two GPUs are present.
+  (scripts/benchmark_finetune.py's run).
 """
 
 from __future__ import annotations
@@ -374,6 +376,52 @@ def check_tiny_stages_bf16_resume(ctx: Context) -> dict:
     return {"passed": passed, "figures": figures}
 
 
+def check_fp16(ctx: Context) -> dict:
+    """Point 5: under float16 autocast on the device, LPIPS's normalisations (ours and the lpips
+    package's) and the channel norm stay finite for zero and large features; tiny stage 0 and 1
+    train two steps in fp16 (with the loss scaler on CUDA)."""
+    import lpips as lpips_package
+    import torch
+
+    from illm.losses import LPIPSLoss
+    from illm.metrics import lpips_network
+    from illm.models.layers import ChannelNorm2d
+    from illm.stages import pretrain, vqvae
+
+    features = torch.rand(2, 16, 3, 3, device=ctx.device) * 4
+    features[0, :, 0, 0] = 0.0
+    features[1, :, 1, 1] = 300.0  # its square overflows float16
+    loss = LPIPSLoss(lpips_network("alex", random_backbone=True)).to(ctx.device)
+    norm = ChannelNorm2d(16).to(ctx.device).train()
+    activations = torch.randn(2, 16, 5, 5, device=ctx.device) * 1000
+    with torch.autocast(ctx.device, dtype=torch.float16):
+        finite = {
+            "lpips_loss_unit": bool(loss._unit(features.half()).isfinite().all()),
+            "lpips_package_normalize": bool(lpips_package.normalize_tensor(features.half()).isfinite().all()),
+            "channel_norm": bool(norm(activations.half()).isfinite().all()),
+            "channel_norm_channels_last": bool(
+                norm(activations.half().contiguous(memory_format=torch.channels_last)).isfinite().all()
+            ),
+        }
+    train_images = images_folder(ctx, "train_small", 8, (80, 96), seed=0)
+    root = ctx.work / "fp16"
+    common = [f"data.train={train_images}", "data.val=", "train.max_steps=2", "train.mixed_precision=fp16"]
+    common += ["run.overwrite=true", "logging.every=1", "checkpoint.every=2"]
+    vqvae.main([str(TINY / "vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
+    pretrain.main([str(TINY / "pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
+    losses = {
+        "stage0": scalars(root / "stage0", "train/loss"),
+        "stage1": scalars(root / "stage1", "train/total_loss"),
+    }
+    figures = {"finite_under_fp16_autocast": finite, "losses": losses}
+    # CPU autocast keeps pow and sum in float16, where the lpips package's own normalisation
+    # (stage 0's LPIPS term, validation) gives 0/0; CUDA autocast runs both in float32.
+    required = [name for name in finite if ctx.device == "cuda" or name != "lpips_package_normalize"]
+    passed = all(finite[name] for name in required)
+    passed = passed and all(values and all(map(math.isfinite, values)) for values in losses.values())
+    return {"passed": passed, "figures": figures}
+
+
 def torchrun_pretrain(ctx: Context, processes: int, name: str) -> dict:
     """The tiny stage 1 under torchrun: DDP through Accelerate, NCCL on CUDA (gloo on a CPU)."""
     train_images = images_folder(ctx, "train_small", 8, (80, 96), seed=0)
@@ -559,10 +607,11 @@ CHECKS = {
     "stage1_validation": (check_stage1_validation, 240),
     "tiny_stages_bf16_resume": (check_tiny_stages_bf16_resume, 420),
     "ddp_world1": (check_ddp_world1, 300),
+    "ddp_world2": (check_ddp_world2, 300),
+    "fp16": (check_fp16, 240),
     "tf32_latent": (check_tf32_latent, 240),
     "stage1_timing": (check_stage1_timing, 420),
     "stage2_timing": (check_stage2_timing, 420),
-    "ddp_world2": (check_ddp_world2, 300),
 }
 
 
