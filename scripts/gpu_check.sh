@@ -49,11 +49,12 @@ skip() {
     mkdir -p "$OUT" && echo "gpu_check: skipped: $1" | tee "$OUT/summary.md"
     exit 0
 }
-if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    skip "no CUDA device on this machine (nvidia-smi lists no GPU)"
+cuda_in_torch() { "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; }
+if ! nvidia-smi -L 2>/dev/null | grep -q '^GPU' && ! cuda_in_torch; then
+    skip "no CUDA device on this machine (nvidia-smi lists no GPU, torch sees none)"
 fi
-if ! "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    skip "$PYTHON has no torch that sees a CUDA device"
+if ! cuda_in_torch; then
+    skip "$PYTHON has no torch that sees the CUDA device"
 fi
 
 mkdir -p "$OUT"
