@@ -392,10 +392,11 @@ class HiFiCAutoencoder(nn.Module):
         """Encodes, quantizes and decodes `images` (B x 3 x H x W in [0, 1], sides multiples of 64)."""
         self._check_images(images, need_multiple=True)
         latent = self.encoder(images)
-        # The hyperprior runs in float32 under any autocast, as the codec's does: the means that
-        # the rounding and the rate use must not be rounded to bf16 (about 0.03 of a bin near 10).
+        # The hyperprior runs in its weights' dtype (float32) under any autocast, as the codec's
+        # does: the means that the rounding and the rate use must not be rounded to bf16 (about
+        # 0.03 of a bin near 10).
         with _no_autocast(latent.device):
-            hyper = self.hyper_analysis(latent.float())
+            hyper = self.hyper_analysis(latent.to(self.hyper_analysis[0].weight.dtype))
             hyper_hat, hyper_likelihoods = self.hyper_bottleneck(hyper)
             # As in the official model, the rounded likelihoods are those of the noisy hyper-latent
             # rounded around the medians. An entropy model in eval mode (frozen in stage 2, or

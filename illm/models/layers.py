@@ -42,6 +42,21 @@ class ChannelNorm2d(nn.Module):
             x = x * self.gamma + self.beta
         return x
 
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply` (``to``, ``cuda``, ...), keeping gamma and beta in the standard layout.
+
+        ``to(memory_format=torch.channels_last)`` gives these 1 x C x 1 x 1 tensors the strides
+        (C, 1, C, C), while their gradients (reductions over the broadcast dimensions) come in the
+        standard (C, 1, 1, 1): DDP then warns "Grad strides do not match bucket view strides" and
+        copies those gradients into its buckets at every step. Both layouts address the same
+        memory in the same order, so nothing else changes.
+        """
+        super()._apply(fn, recurse)
+        for parameter in (self.gamma, self.beta):
+            if parameter is not None and parameter.stride() != _standard_strides(parameter.shape):
+                parameter.data = parameter.data.clone(memory_format=torch.contiguous_format)
+        return self
+
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         """The same function as one `layer_norm` over the channels, for channels-last tensors, where
         the permute is free (training with `train.channels_last`: about 6x faster forward and
@@ -60,6 +75,14 @@ class ChannelNorm2d(nn.Module):
             weight = x.new_full((channels,), shrink**0.5)
         y = F.layer_norm(x.permute(0, 2, 3, 1), (channels,), weight, bias, eps=self.eps * shrink)
         return y.permute(0, 3, 1, 2)
+
+
+def _standard_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 def load_strict(model: nn.Module, state_dict: Mapping[str, Tensor], what: str, assign: bool = False) -> None:
