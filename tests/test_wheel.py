@@ -80,3 +80,8 @@ def test_the_installed_quick_demo_makes_everything_it_announces(installed, tmp_p
     assert [r["model"] for r in rows] == ["stage1", "stage2"]
     assert all(float(r["psnr"]) > 0 and float(r["bpp"]) > 0 for r in rows)
     assert all(r["lpips"] == "" for r in rows)  # backbone weights missing offline: reported, not fatal
+
+
+def test_the_installed_package_ships_the_official_exclusion_list(installed, tmp_path):
+    count = "from illm.data import official_invalid_names; print(len(official_invalid_names()))"
+    assert run([installed / "python", "-c", count], cwd=tmp_path).strip() == "100"
