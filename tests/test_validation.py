@@ -96,6 +96,10 @@ def tiny_stage1_args(folders: Path, run_dir: Path, *overrides: str) -> list[str]
 
 
 OFFICIAL_SCALARS = ["val/psnr", "val/mse", "val/hific_distortion", "val/fid", "val/psnr_per_image_mean"]
+OFFICIAL_LOSSES = [  # the official eval_step's other names
+    "val/distortion_loss", "val/rate_loss", "val/total_bpp", "val/quantized_total_bpp", "val/hyper_bpp",
+    "val/quantized_hyper_bpp", "val/latent_bpp", "val/quantized_latent_bpp", "val/target", "val/lam2",
+]  # fmt: skip
 
 
 # --- the whole folder, official transform, official scalars ------------------------------------------
@@ -107,8 +111,11 @@ def test_tiny_stage1_validates_the_whole_folder_as_the_official(tmp_path, folder
     assert cfg.fid.backbone_weights == "random"
     pretrain.train(cfg)
     logged = final_metrics(tmp_path / "run", 2)
-    for name in [*OFFICIAL_SCALARS, "val/total_loss"]:
+    for name in [*OFFICIAL_SCALARS, *OFFICIAL_LOSSES, "val/total_loss"]:
         assert np.isfinite(logged[name]), name
+    assert logged["val/total_loss"] == pytest.approx(
+        cfg.distortion.lam * logged["val/distortion_loss"] + logged["val/rate_loss"], rel=1e-6
+    )
     expected = official_validation(stage1_model(tmp_path / "run", 2), folders / "val")
     assert expected["count"] == 5
     for name in ("val/mse", "val/psnr", "val/psnr_per_image_mean"):
@@ -149,7 +156,7 @@ def test_tiny_stage2_logs_the_official_scalars(tmp_path, folders):
     assert cfg.data.val_max_images == 0 and cfg.fid.backbone_weights == "random"
     networks = finetune.train(cfg)
     logged = final_metrics(tmp_path / "stage2", 1)
-    for name in [*OFFICIAL_SCALARS, "val/generator_loss", "val/total_model_loss"]:
+    for name in [*OFFICIAL_SCALARS, *OFFICIAL_LOSSES, "val/generator_loss", "val/total_model_loss"]:
         assert np.isfinite(logged[name]), name
     expected = official_validation(networks["autoencoder"], folders / "val")
     assert logged["val/psnr"] == pytest.approx(expected["val/psnr"], rel=1e-4)
