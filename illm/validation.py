@@ -62,7 +62,8 @@ class SampleMeans:
     def gather_valid(self, values: Tensor, valid: Tensor) -> Tensor:
         """The valid rows of every process's `values` (B x ...), without the repeats."""
         gathered = self.accelerator.gather_for_metrics(values.contiguous())
-        keep = self.accelerator.gather_for_metrics(valid.to(values.device).contiguous())
+        # as uint8: every backend gathers bytes
+        keep = self.accelerator.gather_for_metrics(valid.to(values.device, torch.uint8).contiguous())
         return gathered[keep.bool()]
 
     def means(self) -> dict[str, float]:
