@@ -350,3 +350,17 @@ def test_bad_lists_are_one_line_errors(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as error:
         image_list(folder, list_file, "data.train_list")
     assert "\n" not in str(error.value)
+
+
+def test_a_missing_list_stops_the_command_with_one_line(tmp_path, folders, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.cli(
+            [
+                str(TINY_PRETRAIN),
+                f"data.train={folders / 'train'}",
+                f"data.train_list={tmp_path / 'none.txt'}",
+            ]
+        )
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: data.train_list: list file {tmp_path / 'none.txt'} does not exist"]
