@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -125,6 +126,9 @@ def test_tiny_stage1_validates_the_whole_folder_as_the_official(tmp_path, folder
         0.075 * 2**-5 * logged["val/mse"] + logged["val/lpips"], rel=1e-9
     )
     assert logged["val/fid"] > 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.value for event in events.Scalars("val/fid")] == [pytest.approx(logged["val/fid"])]
 
 
 def test_short_side_transform_is_a_switch(tmp_path, folders):
