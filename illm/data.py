@@ -102,8 +102,8 @@ class ImageFolder(Dataset):
     (see ``image_list``).
 
     An unreadable, corrupt or oversized file yields ``None`` (``collate_skip_bad`` drops it,
-    ``collate_masked`` masks it), is logged once, and is remembered in a table shared with loader worker processes:
-    ``bad_files()`` in the main process lists them.
+    ``collate_masked`` masks it), is logged once, and is remembered in a table shared with loader
+    worker processes: ``bad_files()`` in the main process lists them.
     """
 
     def __init__(
@@ -279,6 +279,8 @@ def train_dataset(data) -> ImageFolder:
     images = image_list(data.train, data.train_list, "data.train_list") if data.train_list else None
     if data.exclude_official_invalid:
         images = without_official_invalid(find_images(data.train) if images is None else images)
+        if not images:
+            raise ConfigError(f"data.exclude_official_invalid: no training image of {data.train} is left")
     return ImageFolder(data.train, train_transform(data.crop_size, data.crop_mode), images=images)
 
 

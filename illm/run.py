@@ -95,7 +95,14 @@ def start_run(config, stage: str, broadcast_buffers: bool = True) -> Run:
         )
     share_write_failure(accelerator, failure)
     return Run(
-        config, stage, accelerator, checkpoints, resume_from, run_dir, config_toml, StopRequest(accelerator, collective_timeout)
+        config,
+        stage,
+        accelerator,
+        checkpoints,
+        resume_from,
+        run_dir,
+        config_toml,
+        StopRequest(accelerator, collective_timeout),
     )
 
 

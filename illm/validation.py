@@ -12,7 +12,9 @@ is computed here:
   (torchmetrics' `FrechetInceptionDistance`, image_module.py:39, 169-174, 232), from float64
   feature moments gathered over the processes.
 - `val/total_loss` (stage 1) or `val/total_model_loss` and `val/generator_loss` (stage 2): the
-  training objective on the eval-mode (rounded) forward.
+  training objective on the eval-mode (rounded) forward, with `val/distortion_loss`,
+  `val/rate_loss`, the bpp terms (`val/total_bpp`, `val/quantized_total_bpp`, ...), `val/target`
+  and `val/lam2` under the official names.
 """
 
 from __future__ import annotations
@@ -75,7 +77,8 @@ class SampleMeans:
     def gather_valid(self, values: Tensor, valid: Tensor) -> Tensor:
         """The valid rows of every process's `values` (B x ...), without the repeats."""
         gathered = self.accelerator.gather_for_metrics(values.contiguous())
-        keep = self.accelerator.gather_for_metrics(valid.to(values.device).contiguous())
+        # as uint8: every backend gathers bytes
+        keep = self.accelerator.gather_for_metrics(valid.to(values.device, torch.uint8).contiguous())
         return gathered[keep.bool()]
 
     def means(self) -> dict[str, float]:
@@ -207,6 +210,8 @@ def validate_autoencoder(
             results["val/hific_distortion"] = (
                 HIFIC_MSE_WEIGHT * results["val/mse"] + HIFIC_LPIPS_WEIGHT * results["val/lpips"]
             )
+        if results:
+            results["val/target"], results["val/lam2"] = rate_schedule(rate_cfg, step)
         if fid_statistics is not None and (value := fid_statistics.compute()) is not None:
             results["val/fid"] = value
         for split, fixed_images in fixed.items():
@@ -243,9 +248,13 @@ def objective_per_image(
         "val/distortion_loss": distortion_loss,
         "val/rate_loss": rate_per_image,
         **{f"val/distortion_{name}": value for name, value in terms.items()},
-        "val/bpp": rate.rounded_bpp,
-        "val/latent_bpp": rate.rounded_latent_bpp,
-        "val/hyper_bpp": rate.rounded_hyper_bpp,
+        # the official names (eval mode: both likelihoods are those of the rounded values)
+        "val/total_bpp": rate.bpp,
+        "val/quantized_total_bpp": rate.rounded_bpp,
+        "val/latent_bpp": rate.latent_bpp,
+        "val/quantized_latent_bpp": rate.rounded_latent_bpp,
+        "val/hyper_bpp": rate.hyper_bpp,
+        "val/quantized_hyper_bpp": rate.rounded_hyper_bpp,
     }
     if adversarial is None:
         per_image["val/total_loss"] = total

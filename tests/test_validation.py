@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -96,6 +97,10 @@ def tiny_stage1_args(folders: Path, run_dir: Path, *overrides: str) -> list[str]
 
 
 OFFICIAL_SCALARS = ["val/psnr", "val/mse", "val/hific_distortion", "val/fid", "val/psnr_per_image_mean"]
+OFFICIAL_LOSSES = [  # the official eval_step's other names
+    "val/distortion_loss", "val/rate_loss", "val/total_bpp", "val/quantized_total_bpp", "val/hyper_bpp",
+    "val/quantized_hyper_bpp", "val/latent_bpp", "val/quantized_latent_bpp", "val/target", "val/lam2",
+]  # fmt: skip
 
 
 # --- the whole folder, official transform, official scalars ------------------------------------------
@@ -107,8 +112,11 @@ def test_tiny_stage1_validates_the_whole_folder_as_the_official(tmp_path, folder
     assert cfg.fid.backbone_weights == "random"
     pretrain.train(cfg)
     logged = final_metrics(tmp_path / "run", 2)
-    for name in [*OFFICIAL_SCALARS, "val/total_loss"]:
+    for name in [*OFFICIAL_SCALARS, *OFFICIAL_LOSSES, "val/total_loss"]:
         assert np.isfinite(logged[name]), name
+    assert logged["val/total_loss"] == pytest.approx(
+        cfg.distortion.lam * logged["val/distortion_loss"] + logged["val/rate_loss"], rel=1e-6
+    )
     expected = official_validation(stage1_model(tmp_path / "run", 2), folders / "val")
     assert expected["count"] == 5
     for name in ("val/mse", "val/psnr", "val/psnr_per_image_mean"):
@@ -118,6 +126,9 @@ def test_tiny_stage1_validates_the_whole_folder_as_the_official(tmp_path, folder
         0.075 * 2**-5 * logged["val/mse"] + logged["val/lpips"], rel=1e-9
     )
     assert logged["val/fid"] > 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [event.value for event in events.Scalars("val/fid")] == [pytest.approx(logged["val/fid"])]
 
 
 def test_short_side_transform_is_a_switch(tmp_path, folders):
@@ -149,7 +160,7 @@ def test_tiny_stage2_logs_the_official_scalars(tmp_path, folders):
     assert cfg.data.val_max_images == 0 and cfg.fid.backbone_weights == "random"
     networks = finetune.train(cfg)
     logged = final_metrics(tmp_path / "stage2", 1)
-    for name in [*OFFICIAL_SCALARS, "val/generator_loss", "val/total_model_loss"]:
+    for name in [*OFFICIAL_SCALARS, *OFFICIAL_LOSSES, "val/generator_loss", "val/total_model_loss"]:
         assert np.isfinite(logged[name]), name
     expected = official_validation(networks["autoencoder"], folders / "val")
     assert logged["val/psnr"] == pytest.approx(expected["val/psnr"], rel=1e-4)
@@ -343,3 +354,17 @@ def test_bad_lists_are_one_line_errors(tmp_path, content, message):
     with pytest.raises(ConfigError, match=message) as error:
         image_list(folder, list_file, "data.train_list")
     assert "\n" not in str(error.value)
+
+
+def test_a_missing_list_stops_the_command_with_one_line(tmp_path, folders, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.cli(
+            [
+                str(TINY_PRETRAIN),
+                f"data.train={folders / 'train'}",
+                f"data.train_list={tmp_path / 'none.txt'}",
+            ]
+        )
+    assert exit_info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: data.train_list: list file {tmp_path / 'none.txt'} does not exist"]

@@ -92,3 +92,8 @@ def test_the_installed_quick_demo_makes_everything_it_announces(installed, tmp_p
         Image.open(output / "photos/held_out/chelsea.png") as one,
     ):
         assert row.width == 4 * one.width + 3 * 8
+
+
+def test_the_installed_package_ships_the_official_exclusion_list(installed, tmp_path):
+    count = "from illm.data import official_invalid_names; print(len(official_invalid_names()))"
+    assert run([installed / "python", "-c", count], cwd=tmp_path).strip() == "100"
