@@ -367,4 +367,4 @@ def test_a_missing_list_stops_the_command_with_one_line(tmp_path, folders, capsy
         )
     assert exit_info.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: data.train_list: list file {tmp_path / 'none.txt'} does not exist"]
+    assert lines == [f"pretrain.py: error: data.train_list: list file {tmp_path / 'none.txt'} does not exist"]
