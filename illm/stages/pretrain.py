@@ -10,6 +10,7 @@ step; then the auxiliary quantile loss and its optimizer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from accelerate import Accelerator
@@ -17,18 +18,20 @@ from torch import Tensor, nn
 
 from illm.config import load_config
 from illm.experiment import PretrainConfig
+from illm.iteration import IterationResult, MicroBatchMeans, ScheduleValues, quality_logs
 from illm.losses import Distortion, build_distortion, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, lr_schedule
+from illm.step_metrics import reduce_logs
 from illm.training import (
     BatchStream,
     Housekeeping,
-    IterationResult,
     accumulation_steps,
     clip_gradients,
     finish_run,
     fixed_image_sets,
     ignore_in_ddp,
+    is_due,
     loaders,
     micro_batches,
     parse_args,
@@ -85,13 +88,17 @@ def build_parts(
     return PretrainParts(cfg, accelerator, model, optimizer, scheduler, aux_optimizer, distortion)
 
 
-def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -> IterationResult:
+def pretrain_iteration(
+    parts: PretrainParts, batches: list[Tensor], step: int, log_due: bool = True
+) -> IterationResult:
     """One training iteration on the micro-batches `batches` (gradients accumulated over them),
-    `step` iterations having been done before it."""
+    `step` iterations having been done before it. Its logs are means over the micro-batches;
+    the quality metrics (MSE, MS-SSIM) are computed only when `log_due`."""
     cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
     unwrapped = accelerator.unwrap_model(model)
     target, lam_above = rate_schedule(cfg.rate, step)
     lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
+    logs = MicroBatchMeans(len(batches))
     # --- autoencoder update ---
     for index, images in enumerate(batches):
         if cfg.train.channels_last:
@@ -105,24 +112,34 @@ def pretrain_iteration(parts: PretrainParts, batches: list[Tensor], step: int) -
             )
             loss = cfg.distortion.lam * distortion + rate.loss
         accelerator.backward(loss / len(batches))
+        logs.add(
+            {
+                "train/total_loss": loss,
+                "train/distortion_loss": distortion,
+                "train/rate_loss": rate.loss,
+                **{f"train/distortion_{name}": value for name, value in terms.items()},
+                **rate.logs(target, lam_above),
+                **(quality_logs(out.images, images) if log_due else {}),
+            }
+        )
     grad_norm = clip_gradients(accelerator, unwrapped.main_parameters(), cfg.train.grad_clip)
     parts.optimizer.step()
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
     aux_loss = quantile_step(accelerator, unwrapped, parts.aux_optimizer)
-
-    logs = {
-        "train/total_loss": loss,
-        "train/distortion_loss": distortion,
-        "train/rate_loss": rate.loss,
-        **{f"train/distortion_{name}": value for name, value in terms.items()},
-        **rate.logs(target, lam_above),
+    once = {
         "train/quantile_loss": aux_loss,
         "optim/lr": lr,
         "optim/aux_lr": parts.aux_optimizer.param_groups[0]["lr"],
         "optim/grad_norm": grad_norm,
     }
-    return IterationResult(logs, out, images, {"rate": rate})
+    return IterationResult(
+        logs={**logs.means(), **once},
+        forward=out,
+        images=images,
+        rate=rate,
+        schedule=ScheduleValues(target, lam_above),
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -167,11 +184,12 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     batches = iter(stream)
     model.train()
     while step < cfg.train.max_steps:
-        result = pretrain_iteration(parts, micro_batches(batches, accumulation), step)
+        log_due = is_due(step + 1, cfg.logging.every, cfg.train.max_steps)
+        result = pretrain_iteration(parts, micro_batches(batches, accumulation), step, log_due)
         step += 1
         housekeeping.after_iteration(
             step,
-            logs=result.all_logs,
+            logs=partial(reduce_logs, accelerator, result.logs),
             validate=validate if val_loader is not None else None,
             loss=result.logs["train/total_loss"],
             bpp=result.logs["train/quantized_total_bpp"],

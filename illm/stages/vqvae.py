@@ -22,13 +22,13 @@ from torch import Tensor, nn
 
 from illm.config import load_config
 from illm.experiment import VQVAEConfig
+from illm.iteration import IterationResult
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, lr_schedule
 from illm.training import (
     BatchStream,
     Housekeeping,
-    IterationResult,
     accumulation_steps,
     clip_gradients,
     evaluating,
