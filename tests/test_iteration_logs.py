@@ -10,10 +10,12 @@ image's crop are seeded by the run seed and the image, not by the process.
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from helpers.launch import launch_two_processes
+from helpers.launch import DDP_TRAIN, launch_two_processes
 from helpers.synthetic import synthetic_images
+from illm import zoo
 from illm.config import load_config
 from illm.experiment import FinetuneConfig
 from illm.stages import finetune, pretrain, vqvae
@@ -75,3 +77,18 @@ def test_two_micro_batches_log_what_two_processes_log(workspace):
     assert first_logged(workspace / "first_micro_batch", "train/distortion_loss") != pytest.approx(
         first_logged(workspace / "one_process", "train/distortion_loss"), rel=1e-5
     )
+
+
+@pytest.mark.slow
+def test_unfrozen_stage2_keeps_two_processes_identical(workspace, tmp_path):
+    """Recipe (a) under DDP: the encoder, hyperprior and quantiles train (the quantiles' gradients
+    averaged by hand), and both processes end with the same weights."""
+    args = stage2_args(workspace, "unfrozen_ddp", batch_size=4)
+    args = [*args, "freeze.encoder=false", "freeze.bottleneck=false", "train.max_steps=2"]
+    launch_two_processes(DDP_TRAIN, "finetune", str(tmp_path), *args)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["params"] for r in (0, 1)]
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    before = zoo.load(workspace / "stage1", kind="autoencoder").state_dict()
+    for name in ("encoder.blocks.0.0.weight", "hyper_analysis.0.weight", "hyper_bottleneck.quantiles"):
+        assert not torch.equal(before[name], ranks[0][f"autoencoder.{name}"]), name
