@@ -265,9 +265,7 @@ def finetune_iteration(
     target, lam_above = rate_schedule(cfg.rate, step)
     lr = parts.optimizer.param_groups[0]["lr"]
     halves = [split_batch(channels_last(images, cfg), cfg.gan.mc_sampling) for images in batches]
-    labels = [
-        (parts.targets(model_images), parts.targets(real_images)) for model_images, real_images in halves
-    ]
+    labels = [label_halves(parts.targets, model_images, real_images) for model_images, real_images in halves]
     logs = MicroBatchMeans(len(batches))
 
     # --- generator: the discriminator only passes gradients through ---
@@ -352,6 +350,13 @@ def finetune_iteration(
             real_logits=real_logits,
         ),
     )
+
+
+def label_halves(targets: PatchTargets, model_images: Tensor, real_images: Tensor) -> tuple[Tensor, Tensor]:
+    """(targets of the images to compress, targets of the real images); one labelling when
+    Monte-Carlo sampling is off and both are the same images."""
+    model_targets = targets(model_images)
+    return model_targets, model_targets if real_images is model_images else targets(real_images)
 
 
 def channels_last(images: Tensor, cfg: FinetuneConfig) -> Tensor:
