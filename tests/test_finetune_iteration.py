@@ -132,3 +132,12 @@ def test_unfrozen_parts_train_everything_and_step_the_quantiles():
         changed = [n for n in before if n.startswith(prefix) and not torch.equal(before[n], after[n])]
         assert changed, f"nothing of {prefix} was updated"
     assert isinstance(result.logs["train/quantile_loss"], torch.Tensor)
+
+
+def test_without_mc_sampling_the_whole_batch_is_both_fake_and_real():
+    _, parts = tiny_parts("gan.mc_sampling=false")
+    batch = images(2, seed=8)
+    result = finetune_iteration(parts, [batch], step=0, log_due=False)
+    tensors = result.discriminator
+    assert result.images.shape[0] == 2 and tensors.real_targets is tensors.generator_targets
+    assert tensors.real_logits.shape == tensors.fake_logits.shape
