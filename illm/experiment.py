@@ -431,11 +431,15 @@ class InitSection:
 class FreezeSection:
     """Which parts of the autoencoder stay frozen in stage 2."""
 
-    encoder: bool = doc_field(True, "Keep the encoder frozen (as released).")
+    encoder: bool = doc_field(
+        False,
+        "Keep the encoder frozen (eval mode, no gradients). False trains it, as the released weights "
+        "were made (recipe (a)); true is the seed README's recipe (b).",
+    )
     bottleneck: bool = doc_field(
-        True,
-        "Keep hyper-analysis/synthesis and entropy models frozen (as released); the quantile optimizer runs "
-        "only when false.",
+        False,
+        "Keep hyper-analysis/synthesis and entropy models frozen (eval mode, no gradients). False trains "
+        "them and runs the quantile optimizer, as the released weights were made (recipe (a)).",
     )
 
 

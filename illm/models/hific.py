@@ -54,7 +54,7 @@ class AutoencoderOutput:
     Both dicts have the keys "latent" and "hyper".
     """
 
-    images: Tensor
+    images: Tensor | None  # None from `forward(..., decode=False)`
     latent: Tensor
     hyper_latent: Tensor  # noisy in training, rounded in eval
     likelihoods: dict[str, Tensor]
@@ -388,8 +388,12 @@ class HiFiCAutoencoder(nn.Module):
         load_strict(model, state_dict, "HiFiC autoencoder", assign=assign)
         return model
 
-    def forward(self, images: Tensor) -> AutoencoderOutput:
-        """Encodes, quantizes and decodes `images` (B x 3 x H x W in [0, 1], sides multiples of 64)."""
+    def forward(self, images: Tensor, decode: bool = True) -> AutoencoderOutput:
+        """Encodes, quantizes and decodes `images` (B x 3 x H x W in [0, 1], sides multiples of 64).
+
+        `decode=False` stops before the generator (`images` is then None): the latent and the
+        rates, with the same random draws as a full forward.
+        """
         self._check_images(images, need_multiple=True)
         latent = self.encoder(images)
         # The hyperprior runs in its weights' dtype (float32) under any autocast, as the codec's
@@ -422,7 +426,7 @@ class HiFiCAutoencoder(nn.Module):
         if self.training:
             latent_hat = _quantize_ste(latent, means)
         return AutoencoderOutput(
-            images=self.decoder(latent_hat),
+            images=self.decoder(latent_hat) if decode else None,
             latent=latent_hat,
             hyper_latent=hyper_hat,
             likelihoods={"latent": latent_likelihoods, "hyper": hyper_likelihoods},

@@ -37,6 +37,13 @@ from illm.entry import parse_args
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.faults import lost_peers
+from illm.iteration import (
+    DiscriminatorTensors,
+    IterationResult,
+    MicroBatchMeans,
+    ScheduleValues,
+    quality_logs,
+)
 from illm.loop import TrainingLog
 from illm.losses import (
     Distortion,
@@ -53,7 +60,6 @@ from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw, clip_gradients, quantile_step
 from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
-from illm.training import IterationResult
 from illm.validation import Adversarial, build_fid, validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
@@ -128,12 +134,15 @@ class PatchTargets:
 
     @torch.no_grad()
     def __call__(self, images: Tensor) -> Tensor:
+        """Targets of `images`, in float32 whatever autocast is in force: the labels are the VQ-VAE's
+        nearest codes, which must not depend on the training precision."""
         if self.labeller is None:
             batch, _, height, width = images.shape
             return torch.ones(
                 batch, height // self.factor, width // self.factor, dtype=torch.long, device=images.device
             )
-        return self.labeller.labels(images) + 1
+        with torch.autocast(images.device.type, enabled=False):
+            return self.labeller.labels(images.float()) + 1
 
 
 @contextmanager
@@ -181,6 +190,11 @@ class FinetuneParts:
     distortion: Distortion
     targets: PatchTargets
 
+    @property
+    def autoencoder(self) -> HiFiCAutoencoder:
+        """The autoencoder without its DDP wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
 
 def build_parts(
     cfg: FinetuneConfig,
@@ -205,9 +219,7 @@ def build_parts(
     aux_optimizer = None
     if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
         ignore_in_ddp(model, model.aux_parameters())
-        aux_optimizer = adamw(
-            model.aux_parameters(), cfg.quantiles.lr, cfg.quantiles.weight_decay, fused=fused
-        )
+        aux_optimizer = adamw(model.aux_parameters(), cfg.quantiles.lr, cfg.quantiles.weight_decay, fused=fused)
     model, discriminator, optimizer, disc_optimizer = accelerator.prepare(
         model, discriminator, optimizer, disc_optimizer
     )
@@ -223,29 +235,26 @@ def finetune_iteration(
     micro-batches `batches`, each split into images to compress and real images as the official
     step splits its per-process batch; `step` iterations have been done before it.
 
-    Both updates come after all micro-batches: the discriminator step only sees detached
-    reconstructions, and the encoder that makes the real images' context is frozen, so this
-    equals the released generator-then-discriminator order.
+    The official order, with gradients accumulated over the micro-batches at each step:
+    labels; generator pass over all micro-batches, model step; discriminator pass over all
+    micro-batches, whose real images get their context from the model *after* its step (a
+    train-mode forward, which draws quantization noise where the entropy models train);
+    discriminator step; quantile step. Logs are means over the micro-batches; the quality
+    metrics are computed only when `log_due`.
     """
     cfg, accelerator = parts.cfg, parts.accelerator
-    model, discriminator = parts.model, parts.discriminator
-    unwrapped, unwrapped_disc = accelerator.unwrap_model(model), accelerator.unwrap_model(discriminator)
+    unwrapped_disc = accelerator.unwrap_model(parts.discriminator)
     target, lam_above = rate_schedule(cfg.rate, step)
-    lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
-    accumulation = len(batches)
-    for index, images in enumerate(batches):
-        last = index == accumulation - 1
-        if cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        model_images, real_images = split_batch(images, cfg.gan.mc_sampling)
-        split = real_images is not model_images
-        with accelerator.autocast():
-            generator_targets = parts.targets(model_images)
-            real_targets = parts.targets(real_images) if split else generator_targets
+    lr = parts.optimizer.param_groups[0]["lr"]
+    halves = [split_batch(channels_last(images, cfg), cfg.gan.mc_sampling) for images in batches]
+    labels = [label_halves(parts.targets, model_images, real_images) for model_images, real_images in halves]
+    logs = MicroBatchMeans(len(batches))
 
-        # --- generator: the discriminator only passes gradients through ---
-        with sync_context(accelerator, model, last), accelerator.autocast():
-            out = model(model_images)
+    # --- generator: the discriminator only passes gradients through ---
+    fakes = []
+    for index, ((model_images, _), (generator_targets, _)) in enumerate(zip(halves, labels)):
+        with sync_context(accelerator, parts.model, index == len(batches) - 1), accelerator.autocast():
+            out = parts.model(model_images)
             distortion, terms = parts.distortion(out.images, model_images)
             num_pixels = model_images.shape[-2] * model_images.shape[-1]
             rate = rate_loss(
@@ -255,55 +264,94 @@ def finetune_iteration(
                 generator_logits = unwrapped_disc(out.images, out.latent.detach())
             adversarial = generator_loss(generator_logits, generator_targets)
             loss = cfg.distortion.lam * distortion + rate.loss + cfg.gan.generator_weight * adversarial
-        accelerator.backward(loss / accumulation)
-
-        # --- discriminator: fakes are class 0, real patches their label ---
-        real_context = out.latent
-        if split:
-            with torch.no_grad(), accelerator.autocast():
-                real_context = unwrapped(real_images).latent
-        with sync_context(accelerator, discriminator, last), accelerator.autocast():
-            fake_logits = discriminator(out.images.detach(), out.latent.detach())
-            real_logits = discriminator(real_images, real_context.detach())
-            disc_loss = discriminator_loss(real_logits, fake_logits, real_targets)
-        accelerator.backward(disc_loss / accumulation)
-
-    generator_params = [p for p in unwrapped.main_parameters() if p.requires_grad]
+        accelerator.backward(loss / len(batches))
+        fakes.append((out.images.detach(), out.latent.detach()))
+        logs.add(
+            {
+                "train/total_model_loss": loss,
+                "train/distortion_loss": distortion,
+                "train/rate_loss": rate.loss,
+                "train/generator_loss": adversarial,
+                **{f"train/distortion_{name}": value for name, value in terms.items()},
+                **rate.logs(target, lam_above),
+                **(quality_logs(out.images, model_images) if log_due else {}),
+            }
+        )
+    generator_params = [p for p in parts.autoencoder.main_parameters() if p.requires_grad]
     grad_norm = clip_gradients(accelerator, generator_params, cfg.train.grad_clip)
-    disc_grad_norm = clip_gradients(accelerator, unwrapped_disc.parameters(), cfg.train.grad_clip)
     parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
+
+    # --- discriminator: fakes are class 0, real patches their label ---
+    for index, ((model_images, real_images), (_, real_targets), (fake_images, fake_latent)) in enumerate(
+        zip(halves, labels, fakes)
+    ):
+        real_context = fake_latent if real_images is model_images else real_latent(parts, real_images)
+        with (
+            sync_context(accelerator, parts.discriminator, index == len(batches) - 1),
+            accelerator.autocast(),
+        ):
+            fake_logits = parts.discriminator(fake_images, fake_latent)
+            real_logits = parts.discriminator(real_images, real_context)
+            disc_loss = discriminator_loss(real_logits, fake_logits, real_targets)
+        accelerator.backward(disc_loss / len(batches))
+        logs.add(
+            {
+                "train/discriminator_loss": disc_loss,
+                "disc/real_accuracy": accuracy(real_logits, real_targets),
+                "disc/fake_accuracy": accuracy(fake_logits, torch.zeros_like(real_targets)),
+            }
+        )
+    disc_grad_norm = clip_gradients(accelerator, unwrapped_disc.parameters(), cfg.train.grad_clip)
     parts.disc_optimizer.step()
     parts.disc_optimizer.zero_grad(set_to_none=True)
-    aux_loss = torch.zeros(())  # the official step logs 0 while the quantiles are frozen
-    if parts.aux_optimizer is not None:
-        aux_loss = quantile_step(accelerator, unwrapped, parts.aux_optimizer)
 
-    logs = {
-        "train/total_model_loss": loss,
-        "train/distortion_loss": distortion,
-        "train/rate_loss": rate.loss,
-        "train/generator_loss": adversarial,
-        "train/discriminator_loss": disc_loss,
-        **{f"train/distortion_{name}": value for name, value in terms.items()},
-        **rate.logs(target, lam_above),
+    # --- quantiles, only while the entropy bottleneck trains (the official step logs 0.0 otherwise) ---
+    aux_loss = 0.0
+    if parts.aux_optimizer is not None:
+        aux_loss = quantile_step(accelerator, parts.autoencoder, parts.aux_optimizer)
+
+    once = {
         "train/quantile_loss": aux_loss,
-        "disc/real_accuracy": accuracy(real_logits, real_targets),
-        "disc/fake_accuracy": accuracy(fake_logits, torch.zeros_like(generator_targets)),
         "optim/lr": lr,
         "optim/disc_lr": parts.disc_optimizer.param_groups[0]["lr"],
         "optim/grad_norm": grad_norm,
         "optim/disc_grad_norm": disc_grad_norm,
     }
-    extras = {
-        "rate": rate,
-        "generator_targets": generator_targets,
-        "real_targets": real_targets,
-        "generator_logits": generator_logits,
-        "fake_logits": fake_logits,
-        "real_logits": real_logits,
-    }
-    return IterationResult(logs, out, model_images, extras)
+    return IterationResult(
+        logs={**logs.means(), **once},
+        forward=out,
+        images=halves[-1][0],
+        rate=rate,
+        schedule=ScheduleValues(target, lam_above),
+        discriminator=DiscriminatorTensors(
+            generator_targets=labels[-1][0],
+            real_targets=labels[-1][1],
+            generator_logits=generator_logits,
+            fake_logits=fake_logits,
+            real_logits=real_logits,
+        ),
+    )
+
+
+def label_halves(targets: PatchTargets, model_images: Tensor, real_images: Tensor) -> tuple[Tensor, Tensor]:
+    """(targets of the images to compress, targets of the real images); one labelling when
+    Monte-Carlo sampling is off and both are the same images."""
+    model_targets = targets(model_images)
+    return model_targets, model_targets if real_images is model_images else targets(real_images)
+
+
+def channels_last(images: Tensor, cfg: FinetuneConfig) -> Tensor:
+    return images.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last else images
+
+
+@torch.no_grad()
+def real_latent(parts: FinetuneParts, real_images: Tensor) -> Tensor:
+    """The real images' context: the generator input the model (after its step) gives them, from a
+    train-mode forward as in the official step. The generator itself is not run: it does not
+    touch the latent and draws no random numbers."""
+    with parts.accelerator.autocast():
+        return parts.autoencoder(real_images, decode=False).latent
 
 
 # --- the loop -------------------------------------------------------------------------------------------
@@ -350,7 +398,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
         if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
-            log.write(step, result.all_logs())
+            log.write(step, result.logs)
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
             val_metrics = validate_autoencoder(

@@ -23,13 +23,13 @@ from illm.divergence import check_finite
 from illm.entry import parse_args
 from illm.experiment import PretrainConfig
 from illm.faults import lost_peers
+from illm.iteration import IterationResult, MicroBatchMeans, ScheduleValues, quality_logs
 from illm.loop import TrainingLog
 from illm.losses import Distortion, autoencoder_losses, build_lpips, rate_loss, rate_schedule
 from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
 from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
-from illm.training import IterationResult
 from illm.validation import build_fid, validate_autoencoder
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
@@ -80,11 +80,13 @@ def pretrain_iteration(
     parts: PretrainParts, batches: list[Tensor], step: int, log_due: bool = True
 ) -> IterationResult:
     """One training iteration on the micro-batches `batches` (gradients accumulated over them),
-    `step` iterations having been done before it."""
+    `step` iterations having been done before it. Its logs are means over the micro-batches;
+    the quality metrics (MSE, MS-SSIM) are computed only when `log_due`."""
     cfg, accelerator, model = parts.cfg, parts.accelerator, parts.model
     unwrapped = accelerator.unwrap_model(model)
     target, lam_above = rate_schedule(cfg.rate, step)
     lr = parts.optimizer.param_groups[0]["lr"]  # the schedule steps within the iteration
+    logs = MicroBatchMeans(len(batches))
     # --- autoencoder update ---
     for index, images in enumerate(batches):
         if cfg.train.channels_last:
@@ -98,24 +100,34 @@ def pretrain_iteration(
             )
             loss = cfg.distortion.lam * distortion + rate.loss
         accelerator.backward(loss / len(batches))
+        logs.add(
+            {
+                "train/total_loss": loss,
+                "train/distortion_loss": distortion,
+                "train/rate_loss": rate.loss,
+                **{f"train/distortion_{name}": value for name, value in terms.items()},
+                **rate.logs(target, lam_above),
+                **(quality_logs(out.images, images) if log_due else {}),
+            }
+        )
     grad_norm = clip_gradients(accelerator, unwrapped.main_parameters(), cfg.train.grad_clip)
     parts.optimizer.step()
     parts.scheduler.step()
     parts.optimizer.zero_grad(set_to_none=True)
     aux_loss = quantile_step(accelerator, unwrapped, parts.aux_optimizer)
-
-    logs = {
-        "train/total_loss": loss,
-        "train/distortion_loss": distortion,
-        "train/rate_loss": rate.loss,
-        **{f"train/distortion_{name}": value for name, value in terms.items()},
-        **rate.logs(target, lam_above),
+    once = {
         "train/quantile_loss": aux_loss,
         "optim/lr": lr,
         "optim/aux_lr": parts.aux_optimizer.param_groups[0]["lr"],
         "optim/grad_norm": grad_norm,
     }
-    return IterationResult(logs, out, images, {"rate": rate})
+    return IterationResult(
+        logs={**logs.means(), **once},
+        forward=out,
+        images=images,
+        rate=rate,
+        schedule=ScheduleValues(target, lam_above),
+    )
 
 
 def main(argv: list[str]) -> None:
@@ -153,7 +165,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
         if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
-            log.write(step, result.all_logs())
+            log.write(step, result.logs)
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
             val_metrics = validate_autoencoder(

@@ -27,13 +27,13 @@ from illm.divergence import check_finite
 from illm.entry import parse_args
 from illm.experiment import VQVAEConfig
 from illm.faults import lost_peers
+from illm.iteration import IterationResult
 from illm.loop import TrainingLog
 from illm.losses import build_lpips
 from illm.models.vqvae import VQVAE, VQVAEOutput
 from illm.optimizer import adamw, clip_gradients, lr_schedule
 from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
-from illm.training import IterationResult
 from illm.validation import SampleMeans, evaluating, image_quality, pooled_quality, validation_images
 
 USAGE = "usage: accelerate launch scripts/train_vqvae.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
@@ -297,7 +297,7 @@ def train(cfg: VQVAEConfig) -> VQVAE:
         if log_due or run.checkpoints.due(step) or stopping:
             check_finite(run, step, result.logs, state.models)
         if log_due:
-            log.write(step, {**result.all_logs(), **codebook_status(vqvae, parts.keeper, step, cfg)})
+            log.write(step, {**result.logs, **codebook_status(vqvae, parts.keeper, step, cfg)})
         val_metrics = None
         if log.validation_due(step):
             val_metrics = validate_and_show(run, parts, data, step)
