@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from illm.errors import ConfigError
 from illm.faults import describe_write_error, share_write_failure
+from illm.step_metrics import reduce_logs
 
 
 def is_due(step: int, every: int, max_steps: int) -> bool:
@@ -44,17 +45,6 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
-
-
-def reduce_logs(accelerator, logs: dict[str, Tensor | float]) -> dict[str, float]:
-    """The mean over processes of every logged value, in one collective."""
-    names = list(logs)
-    values = torch.stack(
-        [torch.as_tensor(logs[name], dtype=torch.float64).detach().cpu().reshape(()) for name in names]
-    )
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values.to(accelerator.device), reduction="mean").cpu()
-    return dict(zip(names, values.tolist()))
 
 
 class Progress:

@@ -219,7 +219,9 @@ def build_parts(
     aux_optimizer = None
     if not cfg.freeze.bottleneck:  # the quantiles only move when the entropy bottleneck trains
         ignore_in_ddp(model, model.aux_parameters())
-        aux_optimizer = adamw(model.aux_parameters(), cfg.quantiles.lr, cfg.quantiles.weight_decay, fused=fused)
+        aux_optimizer = adamw(
+            model.aux_parameters(), cfg.quantiles.lr, cfg.quantiles.weight_decay, fused=fused
+        )
     model, discriminator, optimizer, disc_optimizer = accelerator.prepare(
         model, discriminator, optimizer, disc_optimizer
     )
