@@ -171,6 +171,35 @@ class Adversarial:
     weight: float
 
 
+@dataclass
+class AutoencoderValidation:
+    """A stage's validation of its autoencoder: all that `validate_autoencoder` needs besides the
+    model and the step."""
+
+    run: object
+    val_loader: object
+    distortion: Distortion
+    lpips: nn.Module | None
+    rate_cfg: object
+    fixed: dict
+    fid: nn.Module | None = None
+    adversarial: Adversarial | None = None
+
+    def __call__(self, model, step: int) -> dict:
+        return validate_autoencoder(
+            self.run,
+            model,
+            self.val_loader,
+            self.distortion,
+            self.lpips,
+            self.rate_cfg,
+            step,
+            self.fixed,
+            self.fid,
+            self.adversarial,
+        )
+
+
 def validate_autoencoder(
     run,
     model,

@@ -106,3 +106,13 @@ def test_every_field_and_section_has_a_doc(cls):
             section.type if isinstance(section.type, type) else type(section.default_factory())
         ):
             assert field.metadata["doc"].strip(), f"{section.name}.{field.name}"
+
+
+def test_each_stage_loop_reads_in_one_screen():
+    """Each stage's `train()` is build, resume, then the loop of `if due` lines (at most 45 lines)."""
+    import ast
+
+    for name in ("vqvae", "pretrain", "finetune"):
+        tree = ast.parse((REPO / "illm" / "stages" / f"{name}.py").read_text())
+        (train,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "train"]
+        assert train.end_lineno - train.lineno + 1 <= 45, name

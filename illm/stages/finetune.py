@@ -60,7 +60,7 @@ from illm.models.vqvae import VQVAE
 from illm.optimizer import adamw, clip_gradients, quantile_step
 from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
-from illm.validation import Adversarial, build_fid, validate_autoencoder
+from illm.validation import Adversarial, AutoencoderValidation, build_fid
 
 USAGE = "usage: accelerate launch scripts/finetune_gan.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
@@ -194,6 +194,19 @@ class FinetuneParts:
     def autoencoder(self) -> HiFiCAutoencoder:
         """The autoencoder without its DDP wrapper."""
         return self.accelerator.unwrap_model(self.model)
+
+    def training_state(self, stream) -> TrainingState:
+        """What a stage-2 checkpoint holds (the quantile optimizer only while it exists)."""
+        optimizers = {"generator": self.optimizer, "discriminator": self.disc_optimizer}
+        if self.aux_optimizer is not None:
+            optimizers["aux"] = self.aux_optimizer
+        return TrainingState(
+            models={"autoencoder": self.model, "discriminator": self.discriminator},
+            optimizers=optimizers,
+            schedulers={},
+            stream=stream,
+            learning_rates={"generator": self.cfg.optim.lr, "discriminator": self.cfg.optim.disc_lr},
+        )
 
 
 def build_parts(
@@ -379,16 +392,10 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
     fid = fid.to(run.accelerator.device) if fid is not None else None
     parts = build_finetune(cfg, run, labeller, distortion)
     adversarial = Adversarial(parts.discriminator, parts.targets, cfg.gan.generator_weight)
-    optimizers = {"generator": parts.optimizer, "discriminator": parts.disc_optimizer}
-    if parts.aux_optimizer is not None:
-        optimizers["aux"] = parts.aux_optimizer
-    state = TrainingState(
-        models={"autoencoder": parts.model, "discriminator": parts.discriminator},
-        optimizers=optimizers,
-        schedulers={},
-        stream=data.stream,
-        learning_rates={"generator": cfg.optim.lr, "discriminator": cfg.optim.disc_lr},
+    validate = AutoencoderValidation(
+        run, data.val_loader, distortion, lpips, cfg.rate, data.fixed, fid, adversarial
     )
+    state = parts.training_state(data.stream)
     step = resume(run, state)
     shown = {"g": "train/generator_loss", "d": "train/discriminator_loss", "bpp": "train/quantized_total_bpp"}
     log = TrainingLog(run, data, step, shown)
@@ -403,18 +410,7 @@ def train(cfg: FinetuneConfig) -> nn.ModuleDict:
             log.write(step, result.logs)
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
-            val_metrics = validate_autoencoder(
-                run,
-                parts.model,
-                data.val_loader,
-                distortion,
-                lpips,
-                cfg.rate,
-                step,
-                data.fixed,
-                fid,
-                adversarial,
-            )
+            val_metrics = validate(parts.model, step)
         if run.checkpoints.due(step) or stopping:
             run.checkpoints.save(step, state, val_metrics)
         if stopping:

@@ -30,7 +30,7 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.optimizer import adamw, clip_gradients, lr_schedule, quantile_step
 from illm.run import finish_run, resume, start_run, stop_after_checkpoint
 from illm.sweep import USAGE_LINE, stage_cli
-from illm.validation import build_fid, validate_autoencoder
+from illm.validation import AutoencoderValidation, build_fid
 
 USAGE = "usage: accelerate launch scripts/pretrain.py CONFIG.toml [section.key=value ...]\n" + USAGE_LINE
 
@@ -147,6 +147,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
     distortion, lpips = autoencoder_losses(cfg.distortion, lpips, run.accelerator.device)
     fid = fid.to(run.accelerator.device) if fid is not None else None
     parts = build_parts(cfg, run.accelerator, build_autoencoder(cfg.model), distortion)
+    validate = AutoencoderValidation(run, data.val_loader, distortion, lpips, cfg.rate, data.fixed, fid)
     state = TrainingState(
         models={"autoencoder": parts.model},
         optimizers={"model": parts.optimizer, "aux": parts.aux_optimizer},
@@ -168,9 +169,7 @@ def train(cfg: PretrainConfig) -> HiFiCAutoencoder:
             log.write(step, result.logs)
         val_metrics = None
         if data.val_loader is not None and log.validation_due(step):
-            val_metrics = validate_autoencoder(
-                run, parts.model, data.val_loader, distortion, lpips, cfg.rate, step, data.fixed, fid=fid
-            )
+            val_metrics = validate(parts.model, step)
         if run.checkpoints.due(step) or stopping:
             run.checkpoints.save(step, state, val_metrics)
         if stopping:
