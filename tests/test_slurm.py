@@ -150,3 +150,47 @@ def test_two_machines_on_localhost_match_one_machine_with_two_processes(tmp_path
     assert machines.keys() == processes.keys()
     for name, tensor in machines.items():
         assert torch.equal(tensor, processes[name]), name
+
+
+# srun stand-in for the signal test: a step that runs until SIGTERM, then "checkpoints" and exits 75.
+FAKE_SRUN_STEP = """#!/bin/bash
+trap 'echo "step got SIGTERM" >> "$LAUNCH_LOG"; exit 75' TERM
+echo "step started" >> "$LAUNCH_LOG"
+while true; do sleep 0.05; done
+"""
+FAKE_SCONTROL_RECORDING = """#!/bin/bash
+if [ "$1" = requeue ]; then echo "scontrol $*" >> "$LAUNCH_LOG"; else printf "node-a\\nnode-b\\n"; fi
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["USR1", "TERM"])
+def test_train_sbatch_stops_the_step_on_a_signal_and_requeues_before_the_time_limit(tmp_path, signal_name):
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool, text in (("srun", FAKE_SRUN_STEP), ("scontrol", FAKE_SCONTROL_RECORDING)):
+        (bin_dir / tool).write_text(text)
+        (bin_dir / tool).chmod(0o755)
+    log = tmp_path / "launch.log"
+    environment = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "LAUNCH_LOG": str(log),
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_JOB_ID": "42",
+    }
+    job = subprocess.Popen(
+        ["bash", str(SLURM / "train.sbatch"), "configs/0.14bpp.toml"], cwd=REPO, env=environment
+    )
+    deadline = time.monotonic() + 30
+    while not (log.exists() and "step started" in log.read_text()):
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.02)
+    job.send_signal(getattr(signal, f"SIG{signal_name}"))
+    assert job.wait(timeout=30) == 75  # the step's status: stopped after a checkpoint
+    lines = log.read_text().splitlines()
+    assert "step got SIGTERM" in lines
+    # Ahead of the time limit the script requeues the job itself; on preemption SLURM does.
+    assert ("scontrol requeue 42" in lines) == (signal_name == "USR1")
