@@ -96,17 +96,6 @@ def psnr(x: Tensor, y: Tensor) -> Tensor:
     return psnr_of_mse(mse_255(x, y))
 
 
-def training_quality(reconstruction: Tensor, images: Tensor) -> dict[str, Tensor]:
-    """What the official training step logs of a batch (`ImageModule.log_quality_metrics`):
-    PSNR and MSE of the whole batch, and the mean per-image MS-SSIM where the images are large
-    enough, all on 8-bit-rounded images."""
-    mse = mse_255(reconstruction, images).mean()
-    quality = {"psnr": psnr_of_mse(mse), "mse": mse.float()}
-    if min(images.shape[-2:]) >= MS_SSIM_MIN_SIDE:
-        quality["ms_ssim"] = ms_ssim(reconstruction.float(), images.float()).mean()
-    return quality
-
-
 def ms_ssim(x: Tensor, y: Tensor) -> Tensor:
     """Per-image MS-SSIM (B,) of the 8-bit-rounded images, data range 255.
 

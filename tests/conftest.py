@@ -1,15 +1,13 @@
 import os
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers.paths import GOLDEN, REFERENCE_DIR, REPO
 from illm import download
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO / "tests" / "reference" / "golden.pt"
-sys.path.insert(0, str(REPO / "tests" / "reference"))
+sys.path.insert(0, str(REFERENCE_DIR))
 os.environ.setdefault("TORCH_HOME", str(REPO / ".pytest_cache" / "torch_home"))
 os.environ.setdefault(
     "ILLM_CACHE_DIR", str(REPO / ".pytest_cache" / "illm_cache")
@@ -33,21 +31,6 @@ def offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(download, "_fetch", no_network)
     return tmp_path / "torch_home" / "hub" / "checkpoints"
-
-
-TINY_AUTOENCODER = dict(
-    latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
-)
-
-
-def tiny_autoencoder(seed: int = 0):
-    """A tiny HiFiC autoencoder with coder tables, eval mode, weights from `seed`."""
-    from illm.models.hific import HiFiCAutoencoder
-
-    torch.manual_seed(seed)
-    model = HiFiCAutoencoder(**TINY_AUTOENCODER).eval()
-    model.update(force=True)
-    return model
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import CheckpointManager, TrainingState, read_checkpoint, step_checkpoints
 from illm.config import load_config
@@ -21,8 +22,7 @@ from illm.experiment import CheckpointSection, PretrainConfig
 from illm.optimizer import lr_schedule
 from illm.stages.pretrain import train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
+TINY = TINY_CONFIGS / "pretrain.toml"
 
 
 class Stream:

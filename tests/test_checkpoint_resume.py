@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import read_checkpoint, resume_point
 from illm.config import load_config
@@ -11,8 +12,7 @@ from illm.errors import IllmError
 from illm.experiment import PretrainConfig
 from illm.stages.pretrain import train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
+TINY = TINY_CONFIGS / "pretrain.toml"
 
 
 @pytest.fixture(scope="module")

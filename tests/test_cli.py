@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 from skimage import data
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
+from helpers.paths import REPO
 from illm import codec, images
 from illm.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def weights(folder: Path, name: str = "weights.pt") -> list[str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from skimage import data
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
 from illm import codec
 from illm.errors import FormatError, IllmError, WeightsMismatchError
 from illm.images import to_float

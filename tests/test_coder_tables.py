@@ -4,10 +4,10 @@ copy of the hyperprior is kept until the weights change (issue 18, point 2)."""
 import pytest
 import torch
 
+from helpers.models import TINY_AUTOENCODER
 from illm.models import hific
 from illm.models.hific import HiFiCAutoencoder
 
-TINY = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
 TABLES = {
     "hyper_bottleneck": ("_quantized_cdf", "_offset", "_cdf_length"),
     "latent_bottleneck": ("_quantized_cdf", "_offset", "_cdf_length", "scale_table"),
@@ -16,7 +16,7 @@ TABLES = {
 
 def tiny_model(seed=0):
     torch.manual_seed(seed)
-    model = HiFiCAutoencoder(**TINY).eval()
+    model = HiFiCAutoencoder(**TINY_AUTOENCODER).eval()
     # quantiles away from their initial integers, so that float64 and float32 tables could differ
     with torch.no_grad():
         model.hyper_bottleneck.quantiles.add_(torch.rand_like(model.hyper_bottleneck.quantiles) * 3.3)

@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import REPO, TINY_CONFIGS
 from illm.config import RENAMED_KEYS, load_config, to_toml
 from illm.errors import ConfigError
 from illm.experiment import FinetuneConfig, PretrainConfig, VQVAEConfig
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_CLASSES = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "vqvae": VQVAEConfig}
 
 
@@ -21,9 +21,7 @@ def config_class_for(path: Path):
     return PretrainConfig
 
 
-RELEASED = sorted((REPO / "configs").glob("*.toml")) + sorted(
-    (REPO / "illm" / "configs" / "tiny").glob("*.toml")
-)
+RELEASED = sorted((REPO / "configs").glob("*.toml")) + sorted(TINY_CONFIGS.glob("*.toml"))
 
 
 @pytest.mark.parametrize("path", RELEASED, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -5,15 +5,14 @@ bucket view strides" (issue 18, DDP gradient buckets)."""
 import pytest
 import torch
 
-from helpers.launch import REPO, launch_two_processes
+from helpers.launch import launch_two_processes
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.config import load_config
 from illm.experiment import FinetuneConfig
 from illm.models.hific import HiFiCAutoencoder
 from illm.models.layers import ChannelNorm2d
 from illm.stages.finetune import build_discriminator
-
-TINY = REPO / "illm" / "configs" / "tiny"
 
 
 def layout_mismatches(module: torch.nn.Module) -> list[str]:
@@ -28,7 +27,7 @@ def test_channels_last_gradients_have_their_parameters_layout():
     torch.manual_seed(0)
     autoencoder = HiFiCAutoencoder(16, 16, (16, 24, 32, 48, 64), 2).train()
     autoencoder = autoencoder.to(memory_format=torch.channels_last)
-    config = load_config(FinetuneConfig, TINY / "finetune.toml", [])
+    config = load_config(FinetuneConfig, TINY_CONFIGS / "finetune.toml", [])
     discriminator = build_discriminator(config.discriminator, 16, 16).train()
     discriminator = discriminator.to(memory_format=torch.channels_last)
     images = torch.rand(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
@@ -54,5 +53,7 @@ def test_two_process_channels_last_training_has_no_bucket_layout_warning(tmp_pat
         "checkpoint.every=2",
     ]
     script = REPO / "tests" / "helpers" / "ddp_warnings.py"
-    out = launch_two_processes(script, "pretrain", str(tmp_path), str(TINY / "pretrain.toml"), *overrides)
+    out = launch_two_processes(
+        script, "pretrain", str(tmp_path), str(TINY_CONFIGS / "pretrain.toml"), *overrides
+    )
     assert out.count("grad stride warnings: 0") == 2, out

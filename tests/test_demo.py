@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from skimage import data
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
 from illm import demo, images, zoo
 
 

@@ -9,13 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.paths import REPO, TINY_CONFIGS
 from illm import entry, evaluate, export, fileformat
 from illm.config import load_config
 from illm.experiment import PretrainConfig
 from illm.stages import finetune, pretrain, vqvae
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny"
 
 
 def test_run_main_turns_user_errors_into_one_line(capsys):
@@ -75,17 +73,17 @@ def test_training_help_lists_the_sections_and_the_reference(capsys):
 
 def test_print_config_prints_the_resolved_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        pretrain.cli([str(TINY / "pretrain.toml"), "--print-config", "optim.lr=0.0005"])
+        pretrain.cli([str(TINY_CONFIGS / "pretrain.toml"), "--print-config", "optim.lr=0.0005"])
     assert exit_info.value.code == 0
     (tmp_path / "printed.toml").write_text(capsys.readouterr().out)
     printed = load_config(PretrainConfig, tmp_path / "printed.toml")
-    assert printed == load_config(PretrainConfig, TINY / "pretrain.toml", ["optim.lr=0.0005"])
+    assert printed == load_config(PretrainConfig, TINY_CONFIGS / "pretrain.toml", ["optim.lr=0.0005"])
     assert printed.optim.lr == 0.0005
 
 
 def test_print_config_reports_a_bad_key(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        pretrain.cli([str(TINY / "pretrain.toml"), "--print-config", "optim.lrr=1"])
+        pretrain.cli([str(TINY_CONFIGS / "pretrain.toml"), "--print-config", "optim.lrr=1"])
     assert exit_info.value.code == 1
     assert capsys.readouterr().err.startswith("pretrain.py: error: ")
 

@@ -7,17 +7,13 @@ import pytest
 import torch
 from skimage import data as sample_images
 
+from helpers.models import tiny_autoencoder
 from illm import evaluate, images, metrics
-from illm.models.hific import HiFiCAutoencoder
 
 
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
-    torch.manual_seed(0)
-    model = HiFiCAutoencoder(
-        latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
-    )
-    model.update(force=True)
+    model = tiny_autoencoder(seed=0)
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(model.state_dict(), path)
     return path

@@ -1,10 +1,9 @@
 """scripts/export.py: training runs become plain weights files in the official formats."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers.paths import TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm import codec, zoo
 from illm.config import load_config
@@ -13,8 +12,6 @@ from illm.export import export
 from illm.export import main as export_main
 from illm.stages import pretrain, vqvae
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
@@ -22,13 +19,9 @@ def runs(tmp_path_factory):
     synthetic_images(root / "train", 4, (64, 64), seed=0)
     common = [f"data.train={root / 'train'}", "data.val=''", "train.max_steps=1", "checkpoint.every=1"]
     pretrain.train(
-        load_config(
-            PretrainConfig, REPO / "illm/configs/tiny/pretrain.toml", [f"run.dir={root / 'ae'}", *common]
-        )
+        load_config(PretrainConfig, TINY_CONFIGS / "pretrain.toml", [f"run.dir={root / 'ae'}", *common])
     )
-    vqvae.train(
-        load_config(VQVAEConfig, REPO / "illm/configs/tiny/vqvae.toml", [f"run.dir={root / 'vq'}", *common])
-    )
+    vqvae.train(load_config(VQVAEConfig, TINY_CONFIGS / "vqvae.toml", [f"run.dir={root / 'vq'}", *common]))
     return root
 
 

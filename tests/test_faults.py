@@ -16,12 +16,12 @@ import psutil
 import pytest
 import torch
 
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import read_checkpoint, step_checkpoints
 from illm.errors import EXIT_STOPPED, EXIT_WRITE_FAILED
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
+TINY = TINY_CONFIGS / "pretrain.toml"
 SCRIPT = REPO / "scripts" / "pretrain.py"
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 

@@ -8,6 +8,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm import zoo
 from illm.checkpoint import read_checkpoint, step_checkpoints
@@ -16,8 +17,7 @@ from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.stages import finetune, pretrain, vqvae
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "illm/configs/tiny/finetune.toml")
+TINY = str(TINY_CONFIGS / "finetune.toml")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,8 +36,8 @@ def workspace(tmp_path_factory, one_thread):
     synthetic_images(root / "train", 8, (64, 80), seed=0)
     synthetic_images(root / "val", 2, (192, 192), seed=1)
     common = [f"data.train={root / 'train'}", "data.val=", "train.max_steps=1", "checkpoint.every=1"]
-    pretrain.main([str(REPO / "illm/configs/tiny/pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
-    vqvae.main([str(REPO / "illm/configs/tiny/vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
+    pretrain.main([str(TINY_CONFIGS / "pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
+    vqvae.main([str(TINY_CONFIGS / "vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
     return root
 
 

@@ -6,14 +6,14 @@ forward that gives the real images their context, and what is computed only when
 """
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 
-from conftest import TINY_AUTOENCODER
+from helpers.models import TINY_AUTOENCODER
+from helpers.paths import TINY_CONFIGS
 from illm.config import load_config
 from illm.experiment import FinetuneConfig, VQVAEConfig
 from illm.losses import build_distortion
@@ -31,13 +31,12 @@ from illm.stages.finetune import (
 )
 from illm.stages.vqvae import build_vqvae
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm/configs/tiny/finetune.toml"
+TINY = TINY_CONFIGS / "finetune.toml"
 
 
 def tiny_labeller(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = load_config(VQVAEConfig, REPO / "illm/configs/tiny/vqvae.toml", [])
+    cfg = load_config(VQVAEConfig, TINY_CONFIGS / "vqvae.toml", [])
     return freeze_labeller(build_vqvae(cfg.model))
 
 

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from helpers.paths import REPO
 
 fuzz = runpy.run_path(str(REPO / "scripts" / "fuzz_decode.py"))
 

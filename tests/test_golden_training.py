@@ -26,6 +26,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from fill_weights import fill_
 
+from helpers.paths import REFERENCE_DIR, REPO
 from illm import metrics
 from illm.config import load_config
 from illm.experiment import FinetuneConfig, PretrainConfig
@@ -46,7 +47,6 @@ from illm.stages.pretrain import build_autoencoder, pretrain_iteration
 from illm.stages.pretrain import build_parts as build_pretrain_parts
 from illm.step_metrics import reduce_logs
 
-REPO = Path(__file__).resolve().parents[1]
 UPDATE_ROUNDING = 2.0**-22  # two float32 roundings of a parameter, relative
 SINGLE, MULTI = "golden_train/1", "golden_train_multi/1"
 
@@ -56,7 +56,7 @@ def golden_files() -> list[Path]:
     chosen = os.environ.get("ILLM_GOLDEN_TRAIN")
     if chosen:
         return [Path(chosen)]
-    return sorted((REPO / "tests" / "reference").glob("golden_train*.pt"))
+    return sorted(REFERENCE_DIR.glob("golden_train*.pt"))
 
 
 @pytest.fixture(scope="module", params=golden_files(), ids=lambda path: path.name)

@@ -6,15 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.models import TINY_AUTOENCODER
 from illm.errors import IllmError
 from illm.models.hific import HiFiCAutoencoder
-
-TINY = dict(latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1)
 
 
 def tiny_model(seed=0, **overrides):
     torch.manual_seed(seed)
-    return HiFiCAutoencoder(**{**TINY, **overrides})
+    return HiFiCAutoencoder(**{**TINY_AUTOENCODER, **overrides})
 
 
 def images(*shape, seed=1):

@@ -2,16 +2,14 @@
 weights from the hub cache (never from the network: the `offline` fixture)."""
 
 import runpy
-from pathlib import Path
 
 import torch
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
+from helpers.paths import REPO
 from illm import official
 from illm.models.discriminator import ConditionalUNetDiscriminator
 from illm.models.hific import HiFiCAutoencoder
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_entry_points_are_the_official_names_and_the_discriminator():

@@ -14,14 +14,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm import zoo
 from illm.config import load_config
 from illm.experiment import FinetuneConfig
 from illm.stages import finetune, pretrain, vqvae
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm/configs/tiny"
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +27,14 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("iteration_logs")
     synthetic_images(root / "train", 8, (64, 80), seed=0)
     common = [f"data.train={root / 'train'}", "data.val=", "train.max_steps=1", "checkpoint.every=1"]
-    pretrain.main([str(TINY / "pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
-    vqvae.main([str(TINY / "vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
+    pretrain.main([str(TINY_CONFIGS / "pretrain.toml"), *common, f"run.dir={root / 'stage1'}"])
+    vqvae.main([str(TINY_CONFIGS / "vqvae.toml"), *common, f"run.dir={root / 'stage0'}"])
     return root
 
 
 def stage2_args(root: Path, run: str, batch_size: int) -> list[str]:
     return [
-        str(TINY / "finetune.toml"),
+        str(TINY_CONFIGS / "finetune.toml"),
         f"data.train={root / 'train'}",
         "data.val=",
         f"run.dir={root / run}",

@@ -17,7 +17,7 @@ import pytest
 import torch
 from skimage import data
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
 from illm import codec, tiling, zoo
 from illm.cli import main
 from illm.errors import IllmError

@@ -9,6 +9,7 @@ from accelerate.state import AcceleratorState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import read_checkpoint
 from illm.config import load_config
@@ -18,8 +19,7 @@ from illm.loop import accumulation_steps
 from illm.losses import build_distortion
 from illm.stages.pretrain import build_autoencoder, build_parts, cli, pretrain_iteration, train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
+TINY = TINY_CONFIGS / "pretrain.toml"
 
 
 @pytest.fixture(scope="module")

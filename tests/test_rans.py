@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
 from illm import rans
 from illm.errors import FormatError
 

@@ -14,10 +14,9 @@ import torch
 from PIL import Image
 from skimage import data
 
+from helpers.paths import REPO, TINY_CONFIGS
 from illm import cli, evaluate, experiment, export, zoo
 from illm.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_config_reference_is_current():
@@ -44,7 +43,6 @@ def test_readme_names_the_two_commands_and_they_exist():
 # in a temporary folder. Commands that need a cluster, a server or hundreds of GB are exempt and
 # checked for syntax instead.
 
-TINY_CONFIGS = REPO / "illm" / "configs" / "tiny"
 STAGES = {  # script -> (stage module, config class, tiny config)
     "scripts/train_vqvae.py": ("vqvae", "VQVAEConfig", "vqvae.toml"),
     "scripts/pretrain.py": ("pretrain", "PretrainConfig", "pretrain.toml"),
@@ -132,7 +130,7 @@ def run_command(command: str, folders: dict[str, Path]) -> None:
 
 def place_official_weights(cache: Path) -> None:
     """Official-format tiny weights under the official file names of the names the README uses."""
-    from conftest import tiny_autoencoder
+    from helpers.models import tiny_autoencoder
 
     cache.mkdir(parents=True, exist_ok=True)
     for seed, name in enumerate(("msillm_quality_3", "noganms_quality_3")):

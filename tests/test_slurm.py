@@ -6,17 +6,16 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 
-REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "scripts" / "slurm"
-TINY_PRETRAIN = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
+TINY_PRETRAIN = TINY_CONFIGS / "pretrain.toml"
 
 # srun stand-in: runs its command once per node, as SLURM would on each (two nodes).
 FAKE_SRUN = """#!/bin/bash

@@ -11,10 +11,10 @@ import pytest
 import torch
 from skimage import data
 
-from conftest import tiny_autoencoder
+from helpers.models import tiny_autoencoder
+from helpers.paths import REPO
 from illm import images
 
-REPO = Path(__file__).resolve().parents[1]
 NOT_FOR_CODING = ("torch_geometric", "timm", "scipy.stats", "illm.models.vqvae", "illm.models.discriminator")
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 
 from helpers import sweep_child
+from helpers.paths import REPO, TINY_CONFIGS
 from illm.config import load_config
 from illm.errors import ConfigError, IllmError
 from illm.experiment import FinetuneConfig
 from illm.sweep import experiments, in_own_process, parse_sweep, run_with_sweeps, split_values
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "illm/configs/tiny/finetune.toml")
+TINY = str(TINY_CONFIGS / "finetune.toml")
 
 
 class Recorder:
@@ -158,7 +158,7 @@ def test_every_stage_script_sweeps_with_the_same_syntax(monkeypatch, stage, conf
     seen = []
     monkeypatch.setattr(module, "main", lambda argv: seen.append(load_config(cls, argv[0], argv[1:])))
     sweep_text = f"{key}=" + ",".join(str(v) for v in values)
-    path = str(REPO / "illm/configs/tiny" / config)
+    path = str(TINY_CONFIGS / config)
     module.cli([path, "run.dir=/tmp/base", "--sweep", sweep_text, "--sweep-index", "1"])
     section, name = key.split(".")
     assert [getattr(getattr(c, section), name) for c in seen] == [values[1]]
@@ -169,7 +169,7 @@ def test_a_stage_sweep_with_a_bad_key_is_one_line(capsys):
     from illm.stages import pretrain
 
     with pytest.raises(SystemExit) as exit_info:
-        pretrain.cli([str(REPO / "illm/configs/tiny/pretrain.toml"), "--sweep", "rate.target=0.1,0.2"])
+        pretrain.cli([str(TINY_CONFIGS / "pretrain.toml"), "--sweep", "rate.target=0.1,0.2"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.startswith("pretrain.py: error: ") and err.count("\n") == 1
     assert "rate.target" in err

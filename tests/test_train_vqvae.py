@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm import metrics, zoo
 from illm.checkpoint import read_checkpoint
@@ -15,8 +16,7 @@ from illm.data import val_dataset
 from illm.experiment import VQVAEConfig
 from illm.stages.vqvae import build_vqvae, cli, train
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "illm" / "configs" / "tiny" / "vqvae.toml"
+TINY = TINY_CONFIGS / "vqvae.toml"
 CODEBOOK = "bottleneck_op.child.child.codebooks.0"
 # Small validation images keep most tests fast; the logging test uses the config's 192 (MS-SSIM).
 FAST = ["data.val_crop_size=64", "data.val=''"]

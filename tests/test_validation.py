@@ -13,6 +13,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.paths import TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm import metrics
 from illm.checkpoint import read_checkpoint
@@ -32,9 +33,8 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.stages import finetune, pretrain, vqvae
 from illm.validation import SampleMeans, validate_autoencoder, validation_images
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_PRETRAIN = REPO / "illm" / "configs" / "tiny" / "pretrain.toml"
-TINY_FINETUNE = REPO / "illm" / "configs" / "tiny" / "finetune.toml"
+TINY_PRETRAIN = TINY_CONFIGS / "pretrain.toml"
+TINY_FINETUNE = TINY_CONFIGS / "finetune.toml"
 VAL_SIZE = 192  # the tiny configs' val_crop_size
 
 
@@ -145,7 +145,7 @@ def test_short_side_transform_is_a_switch(tmp_path, folders):
 def test_tiny_stage2_logs_the_official_scalars(tmp_path, folders):
     common = [f"data.train={folders / 'train'}", "data.val=", "train.max_steps=1", "checkpoint.every=1"]
     pretrain.main([str(TINY_PRETRAIN), *common, f"run.dir={tmp_path / 'stage1'}"])
-    vqvae.main([str(REPO / "illm/configs/tiny/vqvae.toml"), *common, f"run.dir={tmp_path / 'stage0'}"])
+    vqvae.main([str(TINY_CONFIGS / "vqvae.toml"), *common, f"run.dir={tmp_path / 'stage0'}"])
     args = [
         f"data.train={folders / 'train'}",
         f"data.val={folders / 'val'}",

@@ -6,16 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers.models import TINY_VQVAE
 from illm.errors import ConfigError, IllmError
 from illm.models.vqvae import VQVAE
-
-TINY = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4)
 
 
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return VQVAE(**TINY)
+    return VQVAE(**TINY_VQVAE)
 
 
 @pytest.fixture
@@ -166,7 +165,7 @@ def test_reseed_rejects_wrong_shapes(model):
 
 def test_from_state_dict_round_trip(images):
     torch.manual_seed(0)
-    model = VQVAE(**TINY, attention_levels=(1, 3)).eval()
+    model = VQVAE(**TINY_VQVAE, attention_levels=(1, 3)).eval()
     model.train()(images)  # non-zero hit counts travel too
     restored = VQVAE.from_state_dict(model.state_dict()).eval()
     assert restored.config == model.eval().config
@@ -190,4 +189,4 @@ def test_from_state_dict_rejects_foreign_state_dicts(model):
 
 def test_bad_architecture_is_a_config_error():
     with pytest.raises(ConfigError, match="attention_levels"):
-        VQVAE(**TINY, attention_levels=(4,))
+        VQVAE(**TINY_VQVAE, attention_levels=(4,))

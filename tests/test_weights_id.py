@@ -8,11 +8,12 @@ import pytest
 import torch
 from skimage import data
 
-from conftest import TINY_AUTOENCODER, tiny_autoencoder
+from helpers.models import TINY_AUTOENCODER, tiny_autoencoder
+from helpers.paths import REFERENCE_DIR
 from illm import codec, images, zoo
 from illm.cli import main
 
-REFERENCE = Path(__file__).resolve().parent / "reference" / "codec_v1"
+REFERENCE = REFERENCE_DIR / "codec_v1"
 WEIGHTS_ID = codec.weights_id  # uncounted, for the expected values
 
 

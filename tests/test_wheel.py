@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers.paths import REPO
+
 # Every download fails at once (a proxy on the discard port): the demo reports LPIPS as missing.
 OFFLINE = {"HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
 

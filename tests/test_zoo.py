@@ -1,10 +1,10 @@
 """Loading weights: official names (never downloading), state dicts, checkpoints, run folders."""
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers.models import TINY_AUTOENCODER, TINY_VQVAE
+from helpers.paths import REPO
 from illm import codec, download, zoo
 from illm.config import load_config
 from illm.errors import IllmError, MissingWeightsError
@@ -14,12 +14,6 @@ from illm.models.hific import HiFiCAutoencoder
 from illm.models.vqvae import VQVAE
 from illm.stages.finetune import load_labeller
 
-TINY_AUTOENCODER = dict(
-    latent_channels=8, hyper_channels=8, encoder_channels=(8, 8, 16, 16, 16), num_residual_blocks=1
-)
-TINY_VQVAE = dict(
-    ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, embed_dim=16, codebook_size=32, codebook_dim=4
-)
 TINY_DISCRIMINATOR = dict(
     num_classes=5, context_in_channels=8, context_out_channels=4, channels=(7, 8, 8, 16, 16)
 )
@@ -30,11 +24,9 @@ class NotWeights:
 
 
 def tiny_autoencoder(seed: int = 0) -> HiFiCAutoencoder:
+    """Built through the zoo: training mode, no coder tables (unlike `helpers.models.tiny_autoencoder`)."""
     torch.manual_seed(seed)
     return zoo.autoencoder(**TINY_AUTOENCODER)
-
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def same_weights(first: torch.nn.Module, second: torch.nn.Module) -> bool:

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers.paths import REPO
+
 DDP_TRAIN = REPO / "tests" / "helpers" / "ddp_train.py"
 
 
