@@ -6,7 +6,6 @@ an uninterrupted run."""
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from helpers.launch import CPU_ENV, accelerate_launch, free_port
 from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 from illm.checkpoint import read_checkpoint, step_checkpoints
@@ -23,7 +23,6 @@ from illm.errors import EXIT_STOPPED, EXIT_WRITE_FAILED
 
 TINY = TINY_CONFIGS / "pretrain.toml"
 SCRIPT = REPO / "scripts" / "pretrain.py"
-ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 pytestmark = pytest.mark.slow  # each test trains several tiny runs in other processes
 
@@ -48,32 +47,8 @@ def run_args(run_dir, train_folder, *overrides):
 
 
 def launcher(args, processes=1, machine=None, port=None, **popen):
-    """`accelerate launch` of scripts/pretrain.py: one process (Accelerate's simple launcher),
-    several (torchrun), or one of two machines on localhost."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no"]
-    command += ["--dynamo_backend", "no", "--num_processes", str(processes)]
-    if machine is not None:
-        command += ["--multi_gpu", "--num_machines", "2", "--machine_rank", str(machine)]
-        command += [
-            "--main_process_ip",
-            "127.0.0.1",
-            "--main_process_port",
-            str(port),
-            "--rdzv_backend",
-            "static",
-        ]
-    elif processes > 1:
-        # A fixed free port: with port 0, the workers that torchrun restarts cannot meet again.
-        command += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(port or free_port())]
-    return subprocess.Popen(
-        [*command, str(SCRIPT), *args],
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **popen,
-    )
+    """scripts/pretrain.py under `accelerate launch` (see `helpers.launch.accelerate_launch`)."""
+    return accelerate_launch(SCRIPT, args, processes, machine, port, **popen)
 
 
 def finish(process, timeout=600) -> tuple[int, str]:
@@ -150,7 +125,7 @@ def test_sigterm_to_the_training_process_exits_with_the_stopped_status(tmp_path,
             str(SCRIPT),
             *run_args(run, train_folder, "train.max_steps=40", "checkpoint.every=1000"),
         ],
-        env=ENV,
+        env=CPU_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,12 +174,6 @@ def kill_machine(process) -> None:
         member.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_a_failed_checkpoint_write_stops_with_one_line_and_resumes(tmp_path, train_folder):
     steps = ["train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=5"]
     complete(run_args(tmp_path / "straight", train_folder, *steps))
@@ -219,7 +188,7 @@ def test_a_failed_checkpoint_write_stops_with_one_line_and_resumes(tmp_path, tra
 
     process = subprocess.Popen(
         [sys.executable, str(SCRIPT), *run_args(run, train_folder, *steps)],
-        env=ENV,
+        env=CPU_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

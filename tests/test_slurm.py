@@ -3,14 +3,12 @@ for srun, scontrol and accelerate), and one stage-1 run across two "machines" on
 the same parameters as one machine with two processes."""
 
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers.launch import DDP_TRAIN, launch_two_processes
+from helpers.launch import DDP_TRAIN, accelerate_launch, free_port, launch_two_processes
 from helpers.paths import REPO, TINY_CONFIGS
 from helpers.synthetic import synthetic_images
 
@@ -74,48 +72,6 @@ def test_sweep_sbatch_shares_the_rendezvous_and_runs_its_own_experiment(tmp_path
     assert all("scripts/pretrain.py configs/finetune_0.14bpp.toml --sweep" in line for line in lines)
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def launch_as_machine(rank: int, port: int, args: list[str]) -> subprocess.Popen:
-    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_machines",
-        "2",
-        "--machine_rank",
-        str(rank),
-        "--num_processes",
-        "2",
-        "--main_process_ip",
-        "127.0.0.1",
-        "--main_process_port",
-        str(port),
-        "--rdzv_backend",
-        "static",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        str(DDP_TRAIN),
-        *args,
-    ]
-    return subprocess.Popen(
-        command,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
 @pytest.mark.slow  # four training processes
 def test_two_machines_on_localhost_match_one_machine_with_two_processes(tmp_path):
     synthetic_images(tmp_path / "train", 8, (80, 96), seed=0)
@@ -136,7 +92,7 @@ def test_two_machines_on_localhost_match_one_machine_with_two_processes(tmp_path
         ]
         if mode == "machines":
             port = free_port()
-            machines = [launch_as_machine(rank, port, args) for rank in (0, 1)]
+            machines = [accelerate_launch(DDP_TRAIN, args, 2, machine=rank, port=port) for rank in (0, 1)]
             for machine in machines:
                 _, err = machine.communicate(timeout=600)
                 assert machine.returncode == 0, err[-3000:]
